@@ -92,7 +92,9 @@ impl Runsc {
         &self.binary
     }
 
-    fn command(&self) -> Command {
+    /// A runsc command with this driver's global flags (state root, network, platform, overlay
+    /// and extra flags), for callers that need a call the driver does not wrap.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.args(&self.global);
         cmd

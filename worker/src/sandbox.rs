@@ -296,6 +296,11 @@ impl Sandbox {
         matches!(self.shell.child.try_wait(), Ok(None))
     }
 
+    /// The process id of the sandbox's runsc process, while it runs.
+    pub fn runsc_pid(&self) -> Option<u32> {
+        self.shell.child.id()
+    }
+
     /// Destroys an unused sandbox.
     pub async fn discard(self) {
         self.shell.teardown().await;

@@ -321,6 +321,21 @@ impl Template {
         Ok(template)
     }
 
+    /// The checkpoint image directory.
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    /// The template's bundle description.
+    pub fn bundle(&self) -> &BundleSpec {
+        &self.bundle
+    }
+
+    /// The worker state directory the template lives in.
+    pub fn state_dir(&self) -> &Path {
+        &self.ctx.state_dir
+    }
+
     /// Starts one sandbox of this template by `method` and wakes it.
     ///
     /// # Errors

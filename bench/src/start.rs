@@ -1,0 +1,162 @@
+//! The `start` suite: how long from the worker taking a job to the job's input being written
+//! into a running sandbox.
+//!
+//! - *warm pool*: jobs arrive at a steady rate below the pool's refill rate and are handed to
+//!   sandboxes restored in advance.
+//! - *restore per job*: each job waits for a restore of the same checkpoint (no pool).
+//! - *cold per job*: each job waits for a cold boot of the same template (`runsc run`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shardbox_proto::{Job, Status};
+use shardbox_worker::sandbox::FillMethod;
+use shardbox_worker::{Worker, WorkerConfig};
+
+use crate::report::{quantile, table};
+
+/// Options of the suite.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Template to measure.
+    #[arg(long, default_value = "python")]
+    template: String,
+    /// Jobs through the warm pool.
+    #[arg(long, default_value_t = 100)]
+    pool_jobs: usize,
+    /// Arrival rate of pool jobs, per second (keep it below the refill rate).
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
+    /// Jobs for each of the per-job baselines.
+    #[arg(long, default_value_t = 10)]
+    baseline_jobs: usize,
+}
+
+fn job(i: usize) -> Job {
+    Job {
+        id: format!("start-{i}"),
+        code: Some("print(1)".into()),
+        ..Job::default()
+    }
+}
+
+/// Runs the suite.
+///
+/// # Errors
+/// When the worker cannot start or a job does not come back `ok`.
+pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
+    let worker = Arc::new(Worker::start(&config).await?);
+    let pool = worker
+        .pools()
+        .get(&args.template)
+        .ok_or_else(|| anyhow::anyhow!("no template {:?}", args.template))?
+        .clone();
+    // Let the pool fill before measuring.
+    let target = pool.template().config.pool.min_idle.max(1);
+    while pool.idle() < target {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut pool_us = Vec::new();
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let mut tasks = Vec::new();
+    let began = tokio::time::Instant::now();
+    for i in 0..args.pool_jobs {
+        tokio::time::sleep_until(began + period * i as u32).await;
+        let worker = Arc::clone(&worker);
+        let template = args.template.clone();
+        tasks.push(tokio::spawn(async move {
+            let prepared = worker
+                .prepare(Job {
+                    template: Some(template),
+                    ..job(i)
+                })
+                .map_err(anyhow::Error::msg)?;
+            let sandbox = worker.acquire(&prepared.template).await?;
+            let result = worker.run(sandbox, &prepared, Instant::now()).await;
+            anyhow::ensure!(result.status == Status::Ok, "pool job failed: {result:?}");
+            Ok(result.timing.start_us as f64)
+        }));
+    }
+    for task in tasks {
+        pool_us.push(task.await??);
+    }
+
+    let per_job = |method: FillMethod| {
+        let worker = Arc::clone(&worker);
+        let pool = Arc::clone(&pool);
+        let template = args.template.clone();
+        let n = args.baseline_jobs;
+        async move {
+            let mut samples = Vec::new();
+            for i in 0..n {
+                let prepared = worker
+                    .prepare(Job {
+                        template: Some(template.clone()),
+                        ..job(10_000 + i)
+                    })
+                    .map_err(anyhow::Error::msg)?;
+                let taken = Instant::now();
+                let sandbox = pool.template().start(method).await?;
+                let result = worker.run(sandbox, &prepared, taken).await;
+                anyhow::ensure!(
+                    result.status == Status::Ok,
+                    "baseline job failed: {result:?}"
+                );
+                samples.push(result.timing.start_us as f64);
+            }
+            anyhow::Ok(samples)
+        }
+    };
+    let restore_us = per_job(FillMethod::Restore).await?;
+    let cold_us = per_job(FillMethod::Cold).await?;
+    worker.shutdown().await;
+
+    let stats = |xs: &[f64]| (quantile(xs, 0.5), quantile(xs, 0.99));
+    let (pool_p50, pool_p99) = stats(&pool_us);
+    let (restore_p50, restore_p99) = stats(&restore_us);
+    let (cold_p50, cold_p99) = stats(&cold_us);
+    let ms = |us: f64| format!("{:.3}", us / 1000.0);
+    table(
+        "start: from taking a job to its input written into a running sandbox (ms)",
+        &["method", "jobs", "p50", "p99", "p50 / pool p50"],
+        &[
+            vec![
+                "warm pool".into(),
+                pool_us.len().to_string(),
+                ms(pool_p50),
+                ms(pool_p99),
+                "1".into(),
+            ],
+            vec![
+                "restore per job".into(),
+                restore_us.len().to_string(),
+                ms(restore_p50),
+                ms(restore_p99),
+                format!("{:.0}", restore_p50 / pool_p50),
+            ],
+            vec![
+                "cold boot per job".into(),
+                cold_us.len().to_string(),
+                ms(cold_p50),
+                ms(cold_p99),
+                format!("{:.0}", cold_p50 / pool_p50),
+            ],
+        ],
+    );
+    Ok(json!({
+        "suite": "start",
+        "template": args.template,
+        "runsc": worker.runsc_version(),
+        "arrival_rate_per_s": args.rate,
+        "warm_pool": {"jobs": pool_us.len(), "p50_ms": pool_p50 / 1e3, "p99_ms": pool_p99 / 1e3},
+        "restore_per_job": {"jobs": restore_us.len(), "p50_ms": restore_p50 / 1e3,
+            "p99_ms": restore_p99 / 1e3},
+        "cold_per_job": {"jobs": cold_us.len(), "p50_ms": cold_p50 / 1e3, "p99_ms": cold_p99 / 1e3},
+        "ratio_restore_to_pool_p50": restore_p50 / pool_p50,
+        "ratio_cold_to_pool_p50": cold_p50 / pool_p50,
+        "goal": {"pool_p50_ms_at_most": 2.0, "pool_p99_ms_at_most": 10.0,
+            "met": pool_p50 <= 2000.0 && pool_p99 <= 10_000.0},
+    }))
+}
