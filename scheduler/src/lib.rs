@@ -1,1 +1,28 @@
-//! x
+//! The shardbox scheduler: takes a batch of jobs, queues them per template, hands them to a
+//! worker's warm sandboxes and writes their results. `shardbox run` is this crate with one local
+//! worker in the same process.
+//!
+//! - [`run`]: [`run_batch`], the reader, per-template dispatchers, run tasks and result writer.
+//! - [`backend`]: [`Backend`], what the scheduler needs from a worker; implemented by
+//!   [`shardbox_worker::Worker`].
+//! - [`batch`]: reading a JSONL batch line by line, with line numbers and a length cap.
+//! - [`stop`]: [`Stop`], the two-step stop (drain, then abort) driven by signals.
+//! - [`summary`]: [`Summary`], counts per status, throughput, start latency, pass@1.
+//! - [`progress`]: the progress bar on stderr.
+//! - [`exit`]: the process exit codes of the `shardbox` binary.
+//!
+//! The binary (`src/main.rs`) only parses arguments, starts the worker, wires signals to
+//! [`Stop`] and maps errors to [`exit`] codes.
+
+pub mod backend;
+pub mod batch;
+pub mod exit;
+pub mod progress;
+pub mod run;
+pub mod stop;
+pub mod summary;
+
+pub use backend::Backend;
+pub use run::{run_batch, RunError, RunOptions};
+pub use stop::{Stop, StopLevel};
+pub use summary::Summary;
