@@ -9,6 +9,10 @@ It warms up (for the `python` kind: imports what code-reward jobs commonly use),
   job <n>\n<n bytes>      a JSON envelope {code | argv, files, env, workdir}; everything after it
                           on stdin is the job's own stdin.
 
+The first process (PID 1 of the sandbox) forks at once, before the warm-up: the parent stays a
+small reaper that adopts and reaps every orphan of the job, and exits with the job's own status
+when the job's process ends; the child warms up and serves the frames.
+
 After a job frame the sandbox belongs to that job: its stdout, stderr and exit status are the
 job's, observed by the worker outside the sandbox. Frames are read straight from file
 descriptor 0, unbuffered, so no byte of the job's stdin is consumed here.
@@ -18,6 +22,27 @@ import os
 import sys
 
 KIND = sys.argv[1] if len(sys.argv) > 1 else "python"
+
+
+def reap_until(child):
+    """PID 1's loop: reap whatever ends; when `child` ends, end with its status."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(125)
+        if pid == child:
+            if os.WIFSIGNALED(status):
+                os._exit(128 + os.WTERMSIG(status))
+            os._exit(os.WEXITSTATUS(status))
+
+
+_child = os.fork()
+if _child:
+    reap_until(_child)
 
 # The warm-up: modules whose import cost every job would otherwise pay.
 import json  # noqa: E402

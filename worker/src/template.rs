@@ -390,7 +390,6 @@ pub fn bundle_spec(config: &TemplateConfig, entry_dir: &Path) -> BundleSpec {
         };
         vec![
             "python3".into(),
-            "-u".into(),
             format!("{ENTRY_MOUNT}/entry.py"),
             kind.into(),
         ]

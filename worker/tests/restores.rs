@@ -41,7 +41,7 @@ fn every_restore_keeps_its_stdio_whole() {
                 (r.status, &r.error, &r.stderr)
             );
             assert_eq!(r.stdout.len(), expected_len, "{}", r.id);
-            assert!(r.stdout.starts_with("first\nxxxx") && r.stdout.ends_with("xxxx\nlast\n"));
+            assert!(r.stdout.starts_with("first\nxxxx") && r.stdout.ends_with("xxxxlast\n"));
             assert_eq!(r.stderr, "to stderr\n");
         }
         done += wave;

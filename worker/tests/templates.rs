@@ -16,7 +16,7 @@ fn config(name: &str, warmup: &str) -> shardbox_worker::WorkerConfig {
         format!(
             "{head}[templates.python]\nkind = \"python\"\n\
              rootfs = \"/var/cache/shardbox/rootfs/python-bookworm\"\n\
-             entrypoint = [\"python3\", \"-u\", \"-c\", \"{entry}\"]\n\
+             entrypoint = [\"python3\", \"-c\", \"{entry}\"]\n\
              pool = {{ min_idle = 2, max_idle = 4, max_in_flight = 2, fill = \"restore\" }}\n"
         )
     })

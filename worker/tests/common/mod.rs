@@ -33,6 +33,7 @@ pub fn worker_config() -> WorkerConfig {
         // Room for the output-flood and fork tests; other jobs set their own limits.
         text.replace("timeout_ms = 30000", "timeout_ms = 120000")
             .replace("min_idle = 2, max_idle = 4", "min_idle = 2, max_idle = 6")
+            .replace("max_output_bytes = 1048576", "max_output_bytes = 8388608")
     })
 }
 
