@@ -1,6 +1,8 @@
 //! The progress bar on stderr: jobs done out of those read so far, rate, counts per status.
 //! Shown only when asked for (the binary asks when stderr is a terminal).
 
+use std::time::Duration;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::summary::Summary;
@@ -31,6 +33,14 @@ impl Progress {
     /// A progress bar that draws nothing.
     pub fn hidden() -> Self {
         Progress { bar: None }
+    }
+
+    /// Starts the clock (rate and elapsed time count from here) and the spinner.
+    pub fn start(&self) {
+        if let Some(bar) = &self.bar {
+            bar.reset();
+            bar.enable_steady_tick(Duration::from_millis(200));
+        }
     }
 
     /// One more job is known (a batch line was read).

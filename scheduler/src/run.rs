@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use shardbox_proto::{parse_job_line, InvalidJob, JobResult, Status};
 use tokio::io::{AsyncBufRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::backend::Backend;
 use crate::batch::{BatchLine, BatchReader, LineText, DEFAULT_MAX_LINE_BYTES};
@@ -93,6 +94,17 @@ pub enum RunError {
     },
 }
 
+/// Jobs put into a template's queue (label `template`); with [`QUEUE_POPPED`], the queue depth.
+pub const QUEUE_PUSHED: &str = "shardbox_scheduler_queue_pushed_total";
+/// Jobs taken out of a template's queue by its dispatcher (label `template`).
+pub const QUEUE_POPPED: &str = "shardbox_scheduler_queue_popped_total";
+
+/// The sending end of a template's queue.
+struct Queue<B: Backend> {
+    tx: mpsc::Sender<Queued<B>>,
+    pushed: metrics::Counter,
+}
+
 /// A job accepted from the batch, waiting in its template's queue.
 struct Queued<B: Backend> {
     prepared: B::Prepared,
@@ -117,6 +129,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();
+    options.progress.start();
     let (results_tx, results_rx) = mpsc::channel(options.result_capacity.max(1));
     let writer_task = tokio::spawn(write_results(
         writer,
@@ -129,9 +142,11 @@ where
     let mut dispatchers = Vec::new();
     for template in backend.templates() {
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
-        queues.insert(template.clone(), tx);
+        let pushed = metrics::counter!(QUEUE_PUSHED, "template" => template.clone());
+        queues.insert(template.clone(), Queue { tx, pushed });
         let dispatcher = Dispatcher {
             backend: Arc::clone(&backend),
+            popped: metrics::counter!(QUEUE_POPPED, "template" => template.clone()),
             template,
             results: results_tx.clone(),
             running: Arc::clone(&running),
@@ -184,7 +199,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 async fn read_batch<B: Backend, R: AsyncBufRead + Unpin>(
     backend: &B,
     reader: R,
-    queues: HashMap<String, mpsc::Sender<Queued<B>>>,
+    queues: HashMap<String, Queue<B>>,
     results: mpsc::Sender<JobResult>,
     options: &RunOptions,
 ) -> Result<(), RunError> {
@@ -228,8 +243,11 @@ async fn read_batch<B: Backend, R: AsyncBufRead + Unpin>(
                         ));
                         result
                     }
-                    Some(queue) => match queue.send(Queued { prepared, accepted }).await {
-                        Ok(()) => continue,
+                    Some(queue) => match queue.tx.send(Queued { prepared, accepted }).await {
+                        Ok(()) => {
+                            queue.pushed.increment(1);
+                            continue;
+                        }
                         Err(mpsc::error::SendError(queued)) => {
                             // Its dispatcher is gone (run_batch reports why); the job still
                             // gets its result.
@@ -331,11 +349,13 @@ struct Dispatcher<B: Backend> {
     results: mpsc::Sender<JobResult>,
     running: Arc<Semaphore>,
     stop: Stop,
+    popped: metrics::Counter,
 }
 
 impl<B: Backend> Dispatcher<B> {
     async fn serve(self, mut queue: mpsc::Receiver<Queued<B>>) {
         while let Some(queued) = queue.recv().await {
+            self.popped.increment(1);
             let result = match self.start(queued).await {
                 Ok(()) => continue,
                 Err(result) => result,
@@ -417,10 +437,14 @@ async fn run_one<B: Backend>(
     let Queued { prepared, accepted } = queued;
     let id = B::job(&prepared).id.clone();
     let labels = B::job(&prepared).labels.clone();
-    let mut run = tokio::spawn({
-        let backend = Arc::clone(&backend);
-        async move { backend.run(sandbox, &prepared, taken).await }
-    });
+    let span = tracing::debug_span!("job", job_id = %id, template = B::template(&prepared));
+    let mut run = tokio::spawn(
+        {
+            let backend = Arc::clone(&backend);
+            async move { backend.run(sandbox, &prepared, taken).await }
+        }
+        .instrument(span),
+    );
     let outcome = tokio::select! {
         outcome = &mut run => outcome,
         () = stop.wait_for(StopLevel::Abort) => {
