@@ -91,68 +91,48 @@ impl Pool {
         self.started.load(Ordering::Relaxed)
     }
 
-    /// Takes an idle sandbox, waiting for one if none is idle.
+    /// Takes an idle sandbox, waiting for one if none is idle. Dropping the future while it
+    /// waits is fine: the pool stops counting the waiter.
     ///
     /// # Errors
     /// [`PoolError`] when the template is broken or the pool closed.
     pub async fn acquire(&self) -> Result<Sandbox, PoolError> {
-        let mut registered = false;
+        let _waiting = Waiting::new(self);
         loop {
             let notified = self.ready.notified();
-            let dead = {
+            let taken = {
                 let mut state = self.state.lock();
                 if state.closed {
-                    if registered {
-                        state.waiters -= 1;
-                    }
                     return Err(PoolError::Closed);
                 }
                 if let Some(last_error) = state.broken.clone() {
-                    if registered {
-                        state.waiters -= 1;
-                    }
+                    let template = self.template.name.clone();
                     return Err(PoolError::Broken {
-                        template: self.template.name.clone(),
+                        template,
                         last_error,
                     });
                 }
-                match state.idle.pop_front() {
-                    Some(mut sandbox) => {
-                        if registered {
-                            state.waiters -= 1;
-                        }
-                        state.last_take = Some(Instant::now());
-                        self.publish(&state);
-                        if sandbox.is_alive() {
-                            drop(state);
-                            self.refill.notify_one();
-                            return Ok(sandbox);
-                        }
-                        if !registered {
-                            state.waiters += 1;
-                            registered = true;
-                        }
-                        Some(sandbox)
-                    }
-                    None => {
-                        if !registered {
-                            state.waiters += 1;
-                            registered = true;
-                        }
-                        None
-                    }
+                let taken = state.idle.pop_front();
+                if taken.is_some() {
+                    state.last_take = Some(Instant::now());
+                    self.publish(&state);
                 }
+                taken
             };
             self.refill.notify_one();
-            if let Some(sandbox) = dead {
-                tracing::warn!(
-                    sandbox_id = sandbox.id(),
-                    "idle sandbox died; discarding it"
-                );
-                tokio::spawn(sandbox.discard());
-                continue;
+            match taken {
+                Some(mut sandbox) => {
+                    if sandbox.is_alive() {
+                        return Ok(sandbox);
+                    }
+                    tracing::warn!(
+                        sandbox_id = sandbox.id(),
+                        "idle sandbox died; discarding it"
+                    );
+                    tokio::spawn(sandbox.discard());
+                }
+                None => notified.await,
             }
-            notified.await;
         }
     }
 
@@ -269,5 +249,21 @@ impl Pool {
         }
         self.ready.notify_waiters();
         self.refill.notify_one();
+    }
+}
+
+/// Counts one waiter of a pool for as long as it lives.
+struct Waiting<'a>(&'a Pool);
+
+impl<'a> Waiting<'a> {
+    fn new(pool: &'a Pool) -> Self {
+        pool.state.lock().waiters += 1;
+        Waiting(pool)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().waiters -= 1;
     }
 }
