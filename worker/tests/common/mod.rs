@@ -92,19 +92,7 @@ pub struct Ran {
 
 /// Runs one job through the worker.
 pub fn run(h: &Harness, job: Job) -> Ran {
-    let worker = Arc::clone(&h.worker);
-    h.rt.block_on(async move {
-        let prepared = worker.prepare(job).expect("job is valid");
-        let sandbox = worker.acquire(&prepared.template).await.expect("a sandbox");
-        let sandbox_id = sandbox.id().to_owned();
-        let taken = Instant::now();
-        let result = worker.run(sandbox, &prepared, taken).await;
-        Ran {
-            result,
-            sandbox_id,
-            wall: taken.elapsed(),
-        }
-    })
+    run_all(h, vec![job]).pop().expect("one result")
 }
 
 /// Runs many jobs at once.
