@@ -4,7 +4,10 @@
 //! - `start`: handoff latency from a warm pool against a restore per job and a cold boot per
 //!   job of the same template.
 //! - `throughput`: fresh sandboxes per second through shardbox against a bare loop of restores.
+//! - `process`: jobs per second in process isolation against sandbox isolation, host
+//!   subprocesses and a bare fork loop inside one sandbox.
 
+mod process;
 mod report;
 mod start;
 mod throughput;
@@ -35,6 +38,8 @@ enum Suite {
     Start(start::Args),
     /// Fresh-sandbox throughput against a bare loop of restores.
     Throughput(throughput::Args),
+    /// Process isolation against sandbox isolation, host subprocesses and a bare fork loop.
+    Process(process::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         match cli.suite {
             Suite::Start(args) => start::run(config, args).await,
             Suite::Throughput(args) => throughput::run(config, args).await,
+            Suite::Process(args) => process::run(config, args).await,
         }
     })?;
     let text = serde_json::to_string_pretty(&figures)?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use shardbox_proto::{Job, Status};
 use shardbox_worker::sandbox::FillMethod;
-use shardbox_worker::{Worker, WorkerConfig};
+use shardbox_worker::{Slot, Worker, WorkerConfig};
 
 use crate::report::{quantile, table};
 
@@ -99,7 +99,9 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
                     .map_err(anyhow::Error::msg)?;
                 let taken = Instant::now();
                 let sandbox = pool.template().start(method).await?;
-                let result = worker.run(sandbox, &prepared, taken).await;
+                let result = worker
+                    .run(Slot::Sandbox(Box::new(sandbox)), &prepared, taken)
+                    .await;
                 anyhow::ensure!(
                     result.status == Status::Ok,
                     "baseline job failed: {result:?}"

@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use shardbox_proto::{Job, JobResult};
 use shardbox_worker::pool::PoolError;
-use shardbox_worker::sandbox::Sandbox;
-use shardbox_worker::{PreparedJob, Worker};
+use shardbox_worker::{PreparedJob, Slot, Worker};
 
 /// The operations [`crate::run::run_batch`] calls on a worker.
 pub trait Backend: Send + Sync + 'static {
@@ -53,7 +52,7 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 impl Backend for Worker {
-    type Sandbox = Sandbox;
+    type Sandbox = Slot;
     type Prepared = PreparedJob;
 
     fn name(&self) -> &str {
@@ -76,20 +75,20 @@ impl Backend for Worker {
         &prepared.template
     }
 
-    fn acquire(&self, template: &str) -> impl Future<Output = Result<Sandbox, PoolError>> + Send {
+    fn acquire(&self, template: &str) -> impl Future<Output = Result<Slot, PoolError>> + Send {
         Worker::acquire(self, template)
     }
 
     fn run(
         &self,
-        sandbox: Sandbox,
+        sandbox: Slot,
         prepared: &PreparedJob,
         taken: Instant,
     ) -> impl Future<Output = JobResult> + Send {
         Worker::run(self, sandbox, prepared, taken)
     }
 
-    fn discard(&self, sandbox: Sandbox) -> impl Future<Output = ()> + Send {
-        sandbox.discard()
+    fn discard(&self, sandbox: Slot) -> impl Future<Output = ()> + Send {
+        Worker::discard(self, sandbox)
     }
 }

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 /// Where the project's entry script directory is mounted inside every sandbox.
@@ -53,6 +54,10 @@ pub struct BundleSpec {
     pub memory_bytes: u64,
     /// Host task limit.
     pub pids: u64,
+    /// Whether the entrypoint supervises jobs as processes of other users, which needs the
+    /// capabilities to change user, give files away and signal and clean up after them. The
+    /// jobs themselves run without any capability.
+    pub supervisor: bool,
 }
 
 impl BundleSpec {
@@ -72,6 +77,28 @@ impl BundleSpec {
             .user(UserBuilder::default().uid(self.uid).gid(self.gid).build()?)
             .no_new_privileges(true)
             .build()?;
+        let mut process = process;
+        if self.supervisor {
+            let caps: Capabilities = [
+                Capability::Chown,
+                Capability::DacOverride,
+                Capability::Fowner,
+                Capability::Kill,
+                Capability::Setuid,
+                Capability::Setgid,
+            ]
+            .into_iter()
+            .collect();
+            process.set_capabilities(Some(
+                LinuxCapabilitiesBuilder::default()
+                    .bounding(caps.clone())
+                    .effective(caps.clone())
+                    .permitted(caps)
+                    .inheritable(Capabilities::new())
+                    .ambient(Capabilities::new())
+                    .build()?,
+            ));
+        }
         let mut spec = Spec::default();
         spec.set_hostname(Some("shardbox".into()));
         spec.set_process(Some(process));
@@ -189,6 +216,7 @@ mod tests {
             entry_dir: "/state/entry".into(),
             memory_bytes: 256 << 20,
             pids: 64,
+            supervisor: false,
         };
         let json = serde_json::to_value(bundle.to_oci("/shardbox/w/s1").unwrap()).unwrap();
         assert_eq!(json["root"]["readonly"], true);

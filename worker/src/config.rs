@@ -143,6 +143,75 @@ pub struct TemplateConfig {
     /// Limits: each is the default for jobs of this template and the most a job may ask for.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How jobs are kept apart: a sandbox each (`sandbox`, the default) or a process each
+    /// inside warm sandboxes that serve one trust domain (`process`).
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Settings of process isolation.
+    #[serde(default)]
+    pub process: ProcessConfig,
+}
+
+impl TemplateConfig {
+    /// Memory limit of one whole sandbox of this template, in MiB: the job limit in sandbox
+    /// mode; room for every slot plus the supervisor in process mode.
+    pub fn sandbox_memory_mb(&self) -> u64 {
+        match self.isolation {
+            Isolation::Sandbox => self.limits.memory_mb,
+            Isolation::Process => self.limits.memory_mb * self.process.slots as u64 + 256,
+        }
+    }
+
+    /// Host task limit of one whole sandbox.
+    pub fn sandbox_pids(&self) -> u64 {
+        match self.isolation {
+            Isolation::Sandbox => self.limits.pids,
+            // Under the ptrace platform every process of the sandbox costs host tasks too.
+            // The supervisor checks each job's count only every 50 ms: room for overshoot.
+            Isolation::Process => self.limits.pids * self.process.slots as u64 * 4 + 512,
+        }
+    }
+}
+
+/// How the jobs of a template are kept apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// One restored sandbox per job, destroyed after it.
+    #[default]
+    Sandbox,
+    /// One process per job, under a user id of its own, inside a warm sandbox that serves only
+    /// jobs of one trust domain.
+    Process,
+}
+
+/// Settings of process isolation.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Jobs one sandbox runs at once.
+    #[serde(default = "default_slots")]
+    pub slots: usize,
+    /// Jobs after which a sandbox is recycled.
+    #[serde(default = "default_jobs_per_sandbox")]
+    pub jobs_per_sandbox: usize,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            slots: default_slots(),
+            jobs_per_sandbox: default_jobs_per_sandbox(),
+        }
+    }
+}
+
+fn default_slots() -> usize {
+    4
+}
+
+fn default_jobs_per_sandbox() -> usize {
+    500
 }
 
 fn default_workdir() -> String {
@@ -363,6 +432,12 @@ impl WorkerConfig {
             }
             if t.limits.memory_mb < 64 {
                 return bad("limits.memory_mb must be at least 64 (gVisor itself needs some)");
+            }
+            if t.process.slots == 0 || t.process.jobs_per_sandbox == 0 {
+                return bad("process.slots and process.jobs_per_sandbox must be at least 1");
+            }
+            if t.isolation == Isolation::Process && t.workdir != "/work" {
+                return bad("process isolation keeps job directories under /work");
             }
             if !t.workdir.starts_with('/') || t.workdir == "/" {
                 return bad("workdir must be an absolute path other than /");

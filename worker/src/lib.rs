@@ -8,6 +8,7 @@
 //! - [`template`]: template builds, checkpoint cache, restore-versus-cold measurement.
 //! - [`sandbox`]: one sandbox's life: start, wake, one job, teardown.
 //! - [`pool`]: warm pools refilled in the background.
+//! - [`process`]: process isolation: jobs as processes in warm sandboxes of one trust domain.
 //! - [`worker`]: the [`Worker`] tying these together, from a job to its result.
 //!
 //! The in-sandbox side is `worker/entry/entry.py`, embedded in the binary.
@@ -16,6 +17,7 @@ pub mod bundle;
 pub mod cgroup;
 pub mod config;
 pub mod pool;
+pub mod process;
 pub mod runsc;
 pub mod sandbox;
 mod sys;
@@ -23,4 +25,4 @@ pub mod template;
 pub mod worker;
 
 pub use config::WorkerConfig;
-pub use worker::{PreparedJob, Worker, WorkerError};
+pub use worker::{PreparedJob, Slot, Worker, WorkerError, DEFAULT_DOMAIN};

@@ -301,6 +301,12 @@ impl Sandbox {
         self.shell.child.id()
     }
 
+    /// Splits the sandbox into its host side and its three streams, for a caller that speaks the
+    /// entry script's protocol itself (process isolation).
+    pub fn into_parts(self) -> (Shell, ChildStdin, BufReader<ChildStdout>, ChildStderr) {
+        (self.shell, self.stdin, self.stdout, self.stderr)
+    }
+
     /// Destroys an unused sandbox.
     pub async fn discard(self) {
         self.shell.teardown().await;
@@ -430,6 +436,16 @@ impl Shell {
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// CPU time of the whole sandbox so far.
+    pub fn cpu_time(&self) -> Duration {
+        self.cgroup.cpu_time().unwrap_or_default()
+    }
+
+    /// Whether the kernel's out-of-memory killer struck in the sandbox.
+    pub fn oom_killed(&self) -> bool {
+        self.cgroup.oom_kills().unwrap_or(0) > 0
     }
 
     /// Kills every host process of the sandbox.

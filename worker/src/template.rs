@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::{BundleError, BundleSpec, ENTRY_MOUNT};
-use crate::config::{FillPolicy, TemplateConfig, TemplateKind};
+use crate::config::{FillPolicy, Isolation, TemplateConfig, TemplateKind};
 use crate::runsc::{Runsc, RunscError};
 use crate::sandbox::{FillMethod, Sandbox, SandboxPlan, StartError};
 
@@ -357,8 +357,8 @@ impl Template {
             cgroup,
             bundle,
             image: (method == FillMethod::Restore).then(|| self.image.clone()),
-            memory_bytes: self.config.limits.memory_mb << 20,
-            pids: self.config.limits.pids,
+            memory_bytes: self.config.sandbox_memory_mb() << 20,
+            pids: self.config.sandbox_pids(),
             timeout: Duration::from_millis(self.config.ready_timeout_ms),
         };
         Sandbox::start(plan).await
@@ -388,10 +388,15 @@ pub fn bundle_spec(config: &TemplateConfig, entry_dir: &Path) -> BundleSpec {
             TemplateKind::Python => "python",
             TemplateKind::Exec => "exec",
         };
+        let mode = match config.isolation {
+            Isolation::Sandbox => "sandbox",
+            Isolation::Process => "process",
+        };
         vec![
             "python3".into(),
             format!("{ENTRY_MOUNT}/entry.py"),
             kind.into(),
+            mode.into(),
         ]
     } else {
         config.entrypoint.clone()
@@ -408,8 +413,9 @@ pub fn bundle_spec(config: &TemplateConfig, entry_dir: &Path) -> BundleSpec {
         uid: config.user.uid,
         gid: config.user.gid,
         entry_dir: entry_dir.to_owned(),
-        memory_bytes: config.limits.memory_mb << 20,
-        pids: config.limits.pids,
+        memory_bytes: config.sandbox_memory_mb() << 20,
+        pids: config.sandbox_pids(),
+        supervisor: config.isolation == Isolation::Process,
     }
 }
 

@@ -11,8 +11,9 @@ use sha2::{Digest, Sha256};
 use shardbox_proto::{Job, JobResult, Limits, Status, Timing};
 
 use crate::cgroup::{self, CgroupError};
-use crate::config::{TemplateKind, WorkerConfig};
+use crate::config::{Isolation, TemplateKind, WorkerConfig};
 use crate::pool::{Pool, PoolError};
+use crate::process::{Domains, ProcessSlot, Report};
 use crate::runsc::{Runsc, RunscError};
 use crate::sandbox::{RunOutcome, Sandbox};
 use crate::template::{BuildContext, BuildError, Template, ENTRY_SCRIPT};
@@ -52,12 +53,35 @@ pub struct PreparedJob {
     envelope: Vec<u8>,
 }
 
+/// What a job runs in: a sandbox of its own, or a slot of a warm sandbox of its trust domain.
+#[derive(Debug)]
+pub enum Slot {
+    /// Sandbox isolation: a restored sandbox for this job alone.
+    Sandbox(Box<Sandbox>),
+    /// Process isolation: a process in a sandbox shared with jobs of the same domain.
+    Process(ProcessSlot),
+}
+
+impl Slot {
+    /// The id of the sandbox the job runs in.
+    pub fn sandbox_id(&self) -> &str {
+        match self {
+            Slot::Sandbox(sandbox) => sandbox.id(),
+            Slot::Process(slot) => slot.sandbox().id(),
+        }
+    }
+}
+
+/// The trust domain of callers that name none (`shardbox run` serves one batch).
+pub const DEFAULT_DOMAIN: &str = "default";
+
 /// A running worker.
 #[derive(Debug)]
 pub struct Worker {
     name: String,
     ctx: Arc<BuildContext>,
     pools: BTreeMap<String, Arc<Pool>>,
+    domains: BTreeMap<String, Arc<Domains>>,
     default_template: String,
     teardowns: Arc<AtomicUsize>,
 }
@@ -119,14 +143,19 @@ impl Worker {
             flags,
         ));
         let mut pools = BTreeMap::new();
+        let mut domains = BTreeMap::new();
         for (name, template_config) in &config.templates {
             let template = Template::build(name, template_config, Arc::clone(&ctx)).await?;
             pools.insert(name.clone(), Pool::start(Arc::new(template)));
+            if template_config.isolation == Isolation::Process {
+                domains.insert(name.clone(), Arc::new(Domains::default()));
+            }
         }
         Ok(Worker {
             name: config.worker_name(),
             ctx,
             pools,
+            domains,
             default_template: config.worker.default_template.clone(),
             teardowns: Arc::new(AtomicUsize::new(0)),
         })
@@ -199,16 +228,23 @@ impl Worker {
                 max.max_output_bytes,
             )?,
         };
-        let envelope = serde_json::json!({
+        let mut envelope = serde_json::json!({
             "code": job.code,
             "argv": job.argv,
             "files": job.files,
             "env": job.env,
             "workdir": config.workdir,
         });
-        let mut envelope = envelope;
         if let Some(map) = envelope.as_object_mut() {
             map.retain(|_, v| !v.is_null());
+            if config.isolation == Isolation::Process {
+                // The supervisor enforces these itself and feeds stdin from the envelope.
+                map.insert("stdin".into(), job.stdin.clone().into());
+                map.insert("timeout_ms".into(), limits.timeout_ms.into());
+                map.insert("memory_mb".into(), limits.memory_mb.into());
+                map.insert("max_output_bytes".into(), limits.max_output_bytes.into());
+                map.insert("pids".into(), config.limits.pids.into());
+            }
         }
         let envelope = serde_json::to_vec(&envelope).expect("envelope serializes");
         Ok(PreparedJob {
@@ -219,24 +255,161 @@ impl Worker {
         })
     }
 
-    /// Takes an idle sandbox of `template`, waiting for one if needed.
+    /// Takes a slot for a job of `template` in the default trust domain, waiting for one if
+    /// needed.
     ///
     /// # Errors
     /// [`PoolError`] when the template is unknown to this worker, broken, or shutting down.
-    pub async fn acquire(&self, template: &str) -> Result<Sandbox, PoolError> {
-        match self.pools.get(template) {
-            Some(pool) => pool.acquire().await,
-            None => Err(PoolError::Broken {
+    pub async fn acquire(&self, template: &str) -> Result<Slot, PoolError> {
+        self.acquire_in(template, DEFAULT_DOMAIN).await
+    }
+
+    /// Takes a slot for a job of `template` in trust domain `domain`: an idle sandbox of its
+    /// own (sandbox isolation), or a free slot of a warm sandbox that serves only `domain`
+    /// (process isolation). Waits for one if needed.
+    ///
+    /// # Errors
+    /// [`PoolError`] when the template is unknown to this worker, broken, or shutting down.
+    pub async fn acquire_in(&self, template: &str, domain: &str) -> Result<Slot, PoolError> {
+        let Some(pool) = self.pools.get(template) else {
+            return Err(PoolError::Broken {
                 template: template.into(),
                 last_error: "not served by this worker".into(),
-            }),
+            });
+        };
+        match self.domains.get(template) {
+            Some(domains) => {
+                let config = pool.template().config.process;
+                Ok(Slot::Process(domains.claim(domain, pool, config).await?))
+            }
+            None => Ok(Slot::Sandbox(Box::new(pool.acquire().await?))),
         }
     }
 
-    /// Runs `job` in `sandbox` (taken from the job's template pool at `taken`) and returns its
-    /// result; `queue_ms`, `total_ms` and `attempts` are the caller's to fill in. The sandbox is
-    /// torn down in the background afterwards.
-    pub async fn run(&self, sandbox: Sandbox, job: &PreparedJob, taken: Instant) -> JobResult {
+    /// Gives back a slot that was taken but will not be used.
+    pub async fn discard(&self, slot: Slot) {
+        match slot {
+            Slot::Sandbox(sandbox) => sandbox.discard().await,
+            Slot::Process(slot) => slot.release(false).await,
+        }
+    }
+
+    /// Runs `job` in `slot` (taken at `taken`) and returns its result; `queue_ms`, `total_ms`
+    /// and `attempts` are the caller's to fill in. A sandbox of its own is torn down in the
+    /// background afterwards.
+    pub async fn run(&self, slot: Slot, job: &PreparedJob, taken: Instant) -> JobResult {
+        let result = match slot {
+            Slot::Sandbox(sandbox) => self.run_in_sandbox(*sandbox, job, taken).await,
+            Slot::Process(slot) => self.run_in_process(slot, job, taken).await,
+        };
+        metrics::counter!("shardbox_jobs_total", "status" => result.status.as_str()).increment(1);
+        metrics::histogram!("shardbox_handoff_seconds", "template" => job.template.clone())
+            .record(result.timing.start_us as f64 / 1e6);
+        result
+    }
+
+    async fn run_in_process(
+        &self,
+        slot: ProcessSlot,
+        job: &PreparedJob,
+        taken: Instant,
+    ) -> JobResult {
+        // The supervisor enforces the deadline; past this much more, it counts as lost.
+        let patience = Duration::from_millis(job.limits.timeout_ms * 3 / 2 + 5_000);
+        let outcome = slot.sandbox().run(&job.envelope, patience).await;
+        let result = match outcome {
+            Ok((report, _)) if report.error.is_some() => {
+                slot.release(true).await;
+                let error = report.error.unwrap_or_default();
+                let mut result = JobResult::without_run(&job.job.id, Status::SandboxError, error);
+                result.worker = self.name.clone();
+                result.attempts = 1;
+                result.labels = job.job.labels.clone();
+                result
+            }
+            Ok((report, handed)) => {
+                let recycle = report.memory_exhausted;
+                let result = self.result_of_report(job, report, handed.duration_since(taken));
+                slot.release(recycle).await;
+                result
+            }
+            Err(err) => {
+                slot.release(true).await;
+                let mut result =
+                    JobResult::without_run(&job.job.id, Status::SandboxError, err.to_string());
+                result.worker = self.name.clone();
+                result.attempts = 1;
+                result.labels = job.job.labels.clone();
+                result
+            }
+        };
+        tracing::debug!(job_id = %job.job.id, status = result.status.as_str(), "job finished");
+        result
+    }
+
+    fn result_of_report(&self, job: &PreparedJob, report: Report, start: Duration) -> JobResult {
+        use base64::Engine as _;
+        let decode = |text: &str| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .unwrap_or_default();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        let stdout = decode(&report.stdout);
+        let stderr = decode(&report.stderr);
+        let cap = job.limits.max_output_bytes;
+        let truncated = report.stdout_bytes > cap || report.stderr_bytes > cap;
+        let status = if report.timed_out {
+            Status::Timeout
+        } else if report.memory_exhausted {
+            Status::MemoryLimit
+        } else if truncated && report.signal.is_none() {
+            Status::OutputLimit
+        } else if report.exit_code == Some(0) {
+            Status::Ok
+        } else {
+            Status::Failed
+        };
+        let error = report.too_many_processes.then(|| {
+            let pids = self.pools[&job.template].template().config.limits.pids;
+            format!("killed for running more than {pids} processes")
+        });
+        JobResult {
+            id: job.job.id.clone(),
+            status,
+            exit_code: if report.timed_out {
+                None
+            } else {
+                report.exit_code
+            },
+            signal: report.signal,
+            stdout,
+            stderr,
+            stdout_truncated: report.stdout_bytes > cap,
+            stderr_truncated: report.stderr_bytes > cap,
+            stdout_bytes: report.stdout_bytes,
+            stderr_bytes: report.stderr_bytes,
+            timing: Timing {
+                queue_ms: 0,
+                start_us: start.as_micros() as u64,
+                run_ms: report.run_us / 1000,
+                total_ms: 0,
+                cpu_ms: report.cpu_us / 1000,
+            },
+            worker: self.name.clone(),
+            attempts: 1,
+            labels: job.job.labels.clone(),
+            error,
+            line: None,
+        }
+    }
+
+    async fn run_in_sandbox(
+        &self,
+        sandbox: Sandbox,
+        job: &PreparedJob,
+        taken: Instant,
+    ) -> JobResult {
         let sandbox_id = sandbox.id().to_owned();
         let limits = job.limits;
         let template_memory = self.pools[&job.template].template().config.limits.memory_mb;
@@ -335,6 +508,9 @@ impl Worker {
 
     /// Stops the pools, destroys idle sandboxes and waits for every teardown to finish.
     pub async fn shutdown(&self) {
+        for domains in self.domains.values() {
+            domains.close().await;
+        }
         for pool in self.pools.values() {
             pool.close().await;
         }

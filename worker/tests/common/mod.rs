@@ -97,16 +97,26 @@ pub fn run(h: &Harness, job: Job) -> Ran {
 
 /// Runs many jobs at once.
 pub fn run_all(h: &Harness, jobs: Vec<Job>) -> Vec<Ran> {
+    run_all_in(h, jobs, shardbox_worker::DEFAULT_DOMAIN)
+}
+
+/// Runs many jobs at once in trust domain `domain`.
+pub fn run_all_in(h: &Harness, jobs: Vec<Job>, domain: &str) -> Vec<Ran> {
     let worker = Arc::clone(&h.worker);
+    let domain = domain.to_owned();
     h.rt.block_on(async move {
         let tasks: Vec<_> = jobs
             .into_iter()
             .map(|job| {
                 let worker = Arc::clone(&worker);
+                let domain = domain.clone();
                 tokio::spawn(async move {
                     let prepared = worker.prepare(job).expect("job is valid");
-                    let sandbox = worker.acquire(&prepared.template).await.expect("a sandbox");
-                    let sandbox_id = sandbox.id().to_owned();
+                    let sandbox = worker
+                        .acquire_in(&prepared.template, &domain)
+                        .await
+                        .expect("a sandbox");
+                    let sandbox_id = sandbox.sandbox_id().to_owned();
                     let taken = Instant::now();
                     let result = worker.run(sandbox, &prepared, taken).await;
                     Ran {

@@ -1,0 +1,150 @@
+//! Real-runsc tests of process isolation (a process per job inside warm sandboxes of one trust
+//! domain): the shared scenarios of `common/scenarios.rs`, then what is particular to this
+//! level: jobs of one sandbox cannot see or disturb each other, sandboxes serve one domain
+//! only, and a sandbox is recycled after a job runs out of memory.
+
+mod common;
+
+const TEMPLATE: &str = "python-process";
+
+include!("common/scenarios.rs");
+
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Runs two jobs at once in one domain, the second started once the first is under way.
+fn run_pair(first: Job, second: Job) -> (shardbox_proto::JobResult, shardbox_proto::JobResult) {
+    let h = h();
+    let worker = Arc::clone(&h.worker);
+    h.rt.block_on(async move {
+        let a = worker.prepare(first).unwrap();
+        let b = worker.prepare(second).unwrap();
+        // A domain of their own, so no other test's job shares the sandbox.
+        let slot_a = worker.acquire_in(TEMPLATE, "pair").await.unwrap();
+        let slot_b = worker.acquire_in(TEMPLATE, "pair").await.unwrap();
+        assert_eq!(
+            slot_a.sandbox_id(),
+            slot_b.sandbox_id(),
+            "one sandbox serves both"
+        );
+        let wa = Arc::clone(&worker);
+        let ta = tokio::spawn(async move { wa.run(slot_a, &a, Instant::now()).await });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let rb = worker.run(slot_b, &b, Instant::now()).await;
+        (ta.await.unwrap(), rb)
+    })
+}
+
+#[test]
+fn concurrent_jobs_cannot_see_or_disturb_each_other() {
+    // The victim leaves a secret in a file, its environment and its memory, then waits.
+    let victim = Job {
+        env: BTreeMap::from([("SECRET".into(), "victim-env-secret".into())]),
+        ..py_limited(
+            "victim",
+            "import os, time\n\
+             open('secret.txt', 'w').write('victim-file-secret')\n\
+             open('/tmp/victim-tmp', 'w').write('victim-tmp-secret')\n\
+             print(os.getpid(), os.getcwd(), os.getuid(), flush=True)\n\
+             time.sleep(3)\n\
+             print('victim unharmed')\n",
+            10_000,
+        )
+    };
+    // The attacker tries every way in it can think of, and reports what worked.
+    let attacker = py_limited(
+        "attacker",
+        "import os, signal\n\
+         me = os.getpid()\n\
+         found = []\n\
+         others = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != me\n\
+         \x20         and os.stat('/proc/' + p).st_uid not in (0, os.getuid())]\n\
+         for pid in others:\n\
+         \x20   for what in ('environ', 'cmdline', 'mem', 'maps', 'cwd/secret.txt', 'fd/1'):\n\
+         \x20       try:\n\
+         \x20           data = open('/proc/%d/%s' % (pid, what), 'rb').read(4096)\n\
+         \x20           if b'secret' in data: found.append(what)\n\
+         \x20       except OSError: pass\n\
+         \x20   for sig in (signal.SIGKILL, signal.SIGSTOP):\n\
+         \x20       try: os.kill(pid, sig); found.append('signal')\n\
+         \x20       except OSError: pass\n\
+         for root, dirs, files in os.walk('/work'):\n\
+         \x20   for f in files:\n\
+         \x20       try: open(os.path.join(root, f)).read(); found.append('file ' + f)\n\
+         \x20       except OSError: pass\n\
+         try:\n\
+         \x20   if 'secret' in open('/tmp/victim-tmp').read(): found.append('tmp')\n\
+         except OSError: pass\n\
+         for pid in (1, os.getppid()):\n\
+         \x20   try: os.kill(pid, signal.SIGKILL); found.append('supervisor signal')\n\
+         \x20   except OSError: pass\n\
+         try: os.write(3, b'done 1 2\\n{}'); found.append('control channel')\n\
+         except OSError: pass\n\
+         print(len(others), sorted(set(found)))\n",
+        10_000,
+    );
+    let (v, a) = run_pair(victim, attacker);
+    assert_eq!(a.status, Status::Ok, "{a:?}");
+    assert_eq!(
+        a.stdout, "1 []\n",
+        "the attacker saw the victim and got nothing: {a:?}"
+    );
+    assert_eq!(v.status, Status::Ok, "{v:?}");
+    assert!(v.stdout.ends_with("victim unharmed\n"), "{v:?}");
+    let fields: Vec<&str> = v.stdout.split_whitespace().collect();
+    assert!(fields[1].starts_with("/work/j"), "{v:?}");
+    assert_ne!(fields[2], "0", "jobs never run as root: {v:?}");
+}
+
+#[test]
+fn each_job_gets_a_fresh_directory_and_user() {
+    let code = "import os\nprint(os.listdir('.'), os.getuid() != 0)\nopen('left', 'w').write('x')";
+    for i in 0..3 {
+        let r = run(h(), py(&format!("fresh{i}"), code)).result;
+        assert_eq!(
+            (r.status, r.stdout.as_str()),
+            (Status::Ok, "[] True\n"),
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn trust_domains_never_share_a_sandbox() {
+    let h = h();
+    let worker = Arc::clone(&h.worker);
+    let (a, b) = h.rt.block_on(async move {
+        let a = worker.acquire_in(TEMPLATE, "tenant-a").await.unwrap();
+        let b = worker.acquire_in(TEMPLATE, "tenant-b").await.unwrap();
+        let ids = (a.sandbox_id().to_owned(), b.sandbox_id().to_owned());
+        worker.discard(a).await;
+        worker.discard(b).await;
+        ids
+    });
+    assert_ne!(a, b);
+}
+
+#[test]
+fn a_sandbox_is_recycled_after_a_job_runs_out_of_memory() {
+    let hog = Job {
+        memory_mb: Some(128),
+        ..py_limited("hog", "s = 'x' * (1 << 30)", 20_000)
+    };
+    let h = h();
+    let worker = Arc::clone(&h.worker);
+    let (first, r, next) = h.rt.block_on(async move {
+        let prepared = worker.prepare(hog).unwrap();
+        let slot = worker.acquire_in(TEMPLATE, "recycle").await.unwrap();
+        let first = slot.sandbox_id().to_owned();
+        let r = worker.run(slot, &prepared, Instant::now()).await;
+        let slot = worker.acquire_in(TEMPLATE, "recycle").await.unwrap();
+        let next = slot.sandbox_id().to_owned();
+        worker.discard(slot).await;
+        (first, r, next)
+    });
+    assert_eq!(r.status, Status::MemoryLimit, "{r:?}");
+    assert_ne!(
+        first, next,
+        "the sandbox that ran out of memory was not reused"
+    );
+}
