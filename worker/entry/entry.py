@@ -56,7 +56,7 @@ if KIND == "python":
     import abc, array, bisect, collections, copy, dataclasses, datetime, decimal  # noqa
     import enum, fractions, functools, hashlib, heapq, io, itertools, math, numbers  # noqa
     import operator, re, statistics, string, struct, textwrap, time, traceback  # noqa
-    import typing, unittest, uuid  # noqa
+    import tempfile, threading, typing, unittest, uuid  # noqa
     for _name in filter(None, os.environ.get("SHARDBOX_PRELOAD", "").split(",")):
         __import__(_name)
 
@@ -418,8 +418,9 @@ def supervise():
             if job is None:
                 continue
             job["status"], job["rusage"] = status, usage
-            # Descendants that still hold the job's pipes end with it.
-            kill_uid(job["uid"], job["pid"])
+            if job["open"]:
+                # Descendants that still hold the job's pipes end with it.
+                kill_uid(job["uid"], job["pid"])
             maybe_finish(job)
 
     def maybe_finish(job):

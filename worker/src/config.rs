@@ -195,6 +195,10 @@ pub struct ProcessConfig {
     /// Jobs after which a sandbox is recycled.
     #[serde(default = "default_jobs_per_sandbox")]
     pub jobs_per_sandbox: usize,
+    /// Sandboxes one trust domain may hold at once; past that its jobs wait for a free slot.
+    /// Each sandbox costs a restore and memory; each adds a supervisor working in parallel.
+    #[serde(default = "default_sandboxes_per_domain")]
+    pub sandboxes_per_domain: usize,
 }
 
 impl Default for ProcessConfig {
@@ -202,6 +206,7 @@ impl Default for ProcessConfig {
         ProcessConfig {
             slots: default_slots(),
             jobs_per_sandbox: default_jobs_per_sandbox(),
+            sandboxes_per_domain: default_sandboxes_per_domain(),
         }
     }
 }
@@ -212,6 +217,10 @@ fn default_slots() -> usize {
 
 fn default_jobs_per_sandbox() -> usize {
     500
+}
+
+fn default_sandboxes_per_domain() -> usize {
+    2
 }
 
 fn default_workdir() -> String {
@@ -433,8 +442,14 @@ impl WorkerConfig {
             if t.limits.memory_mb < 64 {
                 return bad("limits.memory_mb must be at least 64 (gVisor itself needs some)");
             }
-            if t.process.slots == 0 || t.process.jobs_per_sandbox == 0 {
-                return bad("process.slots and process.jobs_per_sandbox must be at least 1");
+            if t.process.slots == 0
+                || t.process.jobs_per_sandbox == 0
+                || t.process.sandboxes_per_domain == 0
+            {
+                return bad(
+                    "process.slots, jobs_per_sandbox and sandboxes_per_domain must be at \
+                            least 1",
+                );
             }
             if t.isolation == Isolation::Process && t.workdir != "/work" {
                 return bad("process isolation keeps job directories under /work");

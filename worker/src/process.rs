@@ -266,7 +266,7 @@ impl Domains {
         loop {
             let freed = self.freed.notified();
             let mut retired = Vec::new();
-            {
+            let full = {
                 let mut bound = self.bound.lock();
                 let list = bound.entry(domain.to_owned()).or_default();
                 for sandbox in list.iter() {
@@ -298,9 +298,15 @@ impl Domains {
                     }
                     keep
                 });
-            }
+                list.iter().filter(|s| s.usable()).count() >= config.sandboxes_per_domain
+            };
             for sandbox in retired {
                 sandbox.teardown().await;
+            }
+            if full {
+                // The domain holds all the sandboxes it may: wait for a slot to be freed.
+                freed.await;
+                continue;
             }
             // Every bound sandbox is busy: bind a fresh one, or take the first slot freed.
             tokio::select! {
