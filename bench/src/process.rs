@@ -11,7 +11,7 @@ use serde_json::json;
 use shardbox_proto::{Job, Status};
 use shardbox_worker::{Worker, WorkerConfig};
 
-use crate::report::table;
+use crate::report::{table, warm_pool};
 
 /// Options of the suite.
 #[derive(clap::Args)]
@@ -152,10 +152,8 @@ async fn bare_fork_loop(
 /// When the worker cannot start or a job does not come back `ok`.
 pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
     let worker = Arc::new(Worker::start(&config).await?);
-    let slots = worker
-        .pools()
-        .get(&args.process_template)
-        .ok_or_else(|| anyhow::anyhow!("no template {:?}", args.process_template))?
+    let slots = warm_pool(&worker, &args.process_template)
+        .await?
         .template()
         .config
         .process

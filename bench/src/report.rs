@@ -1,4 +1,26 @@
-//! Percentiles and the printed table.
+//! What every suite shares: finding a template's pool, percentiles and the printed table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardbox_worker::pool::Pool;
+use shardbox_worker::Worker;
+
+/// The pool of `template`, once it holds `min_idle` (at least one) idle sandboxes.
+///
+/// # Errors
+/// When the worker does not serve `template`.
+pub async fn warm_pool(worker: &Worker, template: &str) -> anyhow::Result<Arc<Pool>> {
+    let pool = worker
+        .pools()
+        .get(template)
+        .ok_or_else(|| anyhow::anyhow!("no template {template:?}"))?
+        .clone();
+    while pool.idle() < pool.template().config.pool.min_idle.max(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(pool)
+}
 
 /// The `q` quantile (0..=1) of `samples`, which need not be sorted.
 pub fn quantile(samples: &[f64], q: f64) -> f64 {

@@ -14,7 +14,7 @@ use shardbox_proto::{Job, Status};
 use shardbox_worker::sandbox::FillMethod;
 use shardbox_worker::{Slot, Worker, WorkerConfig};
 
-use crate::report::{quantile, table};
+use crate::report::{quantile, table, warm_pool};
 
 /// Options of the suite.
 #[derive(clap::Args)]
@@ -47,16 +47,7 @@ fn job(i: usize) -> Job {
 /// When the worker cannot start or a job does not come back `ok`.
 pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
     let worker = Arc::new(Worker::start(&config).await?);
-    let pool = worker
-        .pools()
-        .get(&args.template)
-        .ok_or_else(|| anyhow::anyhow!("no template {:?}", args.template))?
-        .clone();
-    // Let the pool fill before measuring.
-    let target = pool.template().config.pool.min_idle.max(1);
-    while pool.idle() < target {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pool = warm_pool(&worker, &args.template).await?;
 
     let mut pool_us = Vec::new();
     let period = Duration::from_secs_f64(1.0 / args.rate);

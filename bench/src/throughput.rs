@@ -5,14 +5,14 @@
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::json;
 use shardbox_proto::{Job, Status};
 use shardbox_worker::{Worker, WorkerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::report::table;
+use crate::report::{table, warm_pool};
 
 /// Options of the suite.
 #[derive(clap::Args)]
@@ -36,16 +36,8 @@ const CODE: &str = "print(sum(range(1000)))";
 /// When the worker cannot start or a job does not come back `ok`.
 pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
     let worker = Arc::new(Worker::start(&config).await?);
-    let pool = worker
-        .pools()
-        .get(&args.template)
-        .ok_or_else(|| anyhow::anyhow!("no template {:?}", args.template))?
-        .clone();
-    let pool_config = pool.template().config.pool;
-    let concurrency = pool_config.max_in_flight;
-    while pool.idle() < pool_config.min_idle.max(1) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pool = warm_pool(&worker, &args.template).await?;
+    let concurrency = pool.template().config.pool.max_in_flight;
 
     // Bare ceiling first, while the pool sits idle (it does not refill while nothing is taken).
     let bare = bare_restores(&worker, &args, concurrency).await?;
