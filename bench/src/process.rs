@@ -11,7 +11,7 @@ use serde_json::json;
 use shardbox_proto::{Job, Status};
 use shardbox_worker::{Worker, WorkerConfig};
 
-use crate::report::{table, warm_pool};
+use crate::report::{remove_bare_cgroup_parent, table, warm_pool, BARE_CGROUP_PARENT};
 
 /// Options of the suite.
 #[derive(clap::Args)]
@@ -130,7 +130,7 @@ async fn bare_fork_loop(
     bundle.args = vec!["python3".into(), "-c".into(), program];
     let id = format!("bare-fork-{}", std::process::id());
     let dir = pool.template().state_dir().join("bench-bare").join(&id);
-    bundle.write(&dir, &format!("/shardbox-bench/{id}"))?;
+    bundle.write(&dir, &format!("/{BARE_CGROUP_PARENT}/{id}"))?;
     let out = worker
         .runsc()
         .command()
@@ -142,6 +142,7 @@ async fn bare_fork_loop(
         .output()
         .await?;
     let _ = std::fs::remove_dir_all(&dir);
+    remove_bare_cgroup_parent();
     anyhow::ensure!(out.status.success(), "bare loop failed: {out:?}");
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }

@@ -22,6 +22,20 @@ pub async fn warm_pool(worker: &Worker, template: &str) -> anyhow::Result<Arc<Po
     Ok(pool)
 }
 
+/// The cgroup parent that runsc makes for the bare baselines' sandboxes (each of which names
+/// its own child of it, removed by runsc); removed once the baselines are done.
+pub const BARE_CGROUP_PARENT: &str = "shardbox-bench";
+
+/// Removes [`BARE_CGROUP_PARENT`] from every cgroup hierarchy where it is left empty.
+pub fn remove_bare_cgroup_parent() {
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let _ = std::fs::remove_dir(hierarchy.path().join(BARE_CGROUP_PARENT));
+    }
+}
+
 /// The `q` quantile (0..=1) of `samples`, which need not be sorted.
 pub fn quantile(samples: &[f64], q: f64) -> f64 {
     if samples.is_empty() {

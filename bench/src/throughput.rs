@@ -12,7 +12,7 @@ use shardbox_proto::{Job, Status};
 use shardbox_worker::{Worker, WorkerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::report::{table, warm_pool};
+use crate::report::{remove_bare_cgroup_parent, table, warm_pool, BARE_CGROUP_PARENT};
 
 /// Options of the suite.
 #[derive(clap::Args)]
@@ -128,7 +128,7 @@ async fn bare_restores(worker: &Worker, args: &Args, concurrency: usize) -> anyh
                 let bundle = dir.join(&id);
                 template
                     .bundle()
-                    .write(&bundle, &format!("/shardbox-bench/{id}"))?;
+                    .write(&bundle, &format!("/{BARE_CGROUP_PARENT}/{id}"))?;
                 let mut child = runsc
                     .command()
                     .arg("restore")
@@ -164,5 +164,6 @@ async fn bare_restores(worker: &Worker, args: &Args, concurrency: usize) -> anyh
     for lane in lanes {
         lane.await??;
     }
+    remove_bare_cgroup_parent();
     Ok(args.restores as f64 / began.elapsed().as_secs_f64())
 }
