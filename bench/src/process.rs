@@ -97,14 +97,15 @@ async fn bare_fork_loop(
     let pool = &worker.pools()[template];
     let mut bundle = pool.template().bundle().clone();
     // The loop's interpreter has imported what the python template's warm-up imports (the same
-    // lines, read from the entry script), as the supervisor's has: forks copy that state.
+    // lines, read from the entry script) and frozen its heap for the collector, as the
+    // supervisor's has: forks copy that state.
     let warm_up: String = shardbox_worker::template::ENTRY_SCRIPT
         .lines()
         .filter(|l| l.starts_with("    import ") && l.ends_with("# noqa"))
         .map(|l| format!("{}\n", l.trim()))
         .collect();
     let program = format!(
-        "import os, time, json, random\n{warm_up}\
+        "import os, time, json, random, gc\n{warm_up}gc.collect()\ngc.freeze()\n\
          code = compile({CODE:?}, '<job>', 'exec')\n\
          def loop(count):\n\
          \x20   for _ in range(count):\n\
