@@ -145,9 +145,11 @@ impl Pool {
         };
         self.refill.notify_one();
         self.ready.notify_waiters();
+        let mut teardowns = tokio::task::JoinSet::new();
         for sandbox in idle {
-            sandbox.discard().await;
+            teardowns.spawn(sandbox.discard());
         }
+        teardowns.join_all().await;
         // Starts still in flight put their sandbox back into a closed pool, which discards it.
         while self.state.lock().in_flight > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;

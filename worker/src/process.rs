@@ -329,9 +329,11 @@ impl Domains {
             .drain()
             .flat_map(|(_, list)| list)
             .collect();
+        let mut teardowns = tokio::task::JoinSet::new();
         for sandbox in all {
             sandbox.fail("worker shutting down");
-            sandbox.teardown().await;
+            teardowns.spawn(async move { sandbox.teardown().await });
         }
+        teardowns.join_all().await;
     }
 }

@@ -508,12 +508,16 @@ impl Worker {
 
     /// Stops the pools, destroys idle sandboxes and waits for every teardown to finish.
     pub async fn shutdown(&self) {
+        let mut closing = tokio::task::JoinSet::new();
         for domains in self.domains.values() {
-            domains.close().await;
+            let domains = Arc::clone(domains);
+            closing.spawn(async move { domains.close().await });
         }
         for pool in self.pools.values() {
-            pool.close().await;
+            let pool = Arc::clone(pool);
+            closing.spawn(async move { pool.close().await });
         }
+        closing.join_all().await;
         while self.teardowns.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
