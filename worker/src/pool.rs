@@ -211,7 +211,12 @@ impl Pool {
         let result = self.template.start(method).await;
         let discard = {
             let mut state = self.state.lock();
-            state.in_flight -= 1;
+            // A sandbox started for a closed pool stays counted in flight until it is gone, so
+            // that `close` waits for it.
+            let closed_with_sandbox = state.closed && result.is_ok();
+            if !closed_with_sandbox {
+                state.in_flight -= 1;
+            }
             match result {
                 Ok(sandbox) => {
                     metrics::histogram!("shardbox_sandbox_start_seconds", &labels)
@@ -243,6 +248,7 @@ impl Pool {
         };
         if let Some(sandbox) = discard {
             sandbox.discard().await;
+            self.state.lock().in_flight -= 1;
         }
         let failures = self.state.lock().failures;
         if failures > 0 {
