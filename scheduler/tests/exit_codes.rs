@@ -79,14 +79,7 @@ fn a_missing_rootfs_is_a_sandbox_failure_that_points_to_setup() {
             "/nonexistent/rootfs",
         )
     });
-    let mut cmd = common::command(&[
-        "run",
-        batch.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let mut cmd = common::run_command(&batch, &out, &config, &[]);
     // The variable would replace the broken rootfs with a working one.
     cmd.env_remove("SHARDBOX_ROOTFS");
     let run = common::spawn(cmd).wait();

@@ -25,16 +25,7 @@ fn humaneval(out: &Path, variant: &str) {
 
 fn run_batch(dir: &Path, batch: &Path, out: &Path, extra: &[&str]) -> common::Run {
     let config = common::config_file(dir, NAME, |text| text);
-    let mut args = vec![
-        "run",
-        batch.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    common::run(&args)
+    common::spawn(common::run_command(batch, out, &config, extra)).wait()
 }
 
 fn by_id(results: &[JobResult]) -> BTreeMap<String, JobResult> {
@@ -187,16 +178,7 @@ fn an_interrupt_cancels_waiting_jobs_and_still_writes_every_result() {
         .collect();
     std::fs::write(&batch, lines.join("\n") + "\n").unwrap();
     let config = common::config_file(dir.path(), NAME, |text| text);
-    let cmd = common::command(&[
-        "run",
-        batch.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--max-running",
-        "2",
-    ]);
+    let cmd = common::run_command(&batch, &out, &config, &["--max-running", "2"]);
     let running = common::spawn(cmd);
 
     // Interrupt once the first result is in.

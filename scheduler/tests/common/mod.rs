@@ -71,6 +71,20 @@ pub fn command(args: &[&str]) -> Command {
     cmd
 }
 
+/// `shardbox run BATCH --out OUT --config CONFIG EXTRA...` with piped output.
+pub fn run_command(batch: &Path, out: &Path, config: &Path, extra: &[&str]) -> Command {
+    let mut args = vec![
+        "run",
+        batch.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    command(&args)
+}
+
 /// Starts `cmd` and collects its output in the background.
 pub struct Running {
     pub child: Child,
