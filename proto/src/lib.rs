@@ -3,6 +3,7 @@
 //! - [`Job`]: one line of a JSONL batch, parsed strictly by [`parse_job_line`].
 //! - [`JobResult`], [`Status`], [`Timing`]: one line of a results file.
 //! - [`Limits`]: the wall-time, memory and output limits a job runs under.
+//! - [`service`]: requests and answers of the scheduler's HTTP API.
 //!
 //! These types are the contract shared by `shardbox run`, the scheduler and the worker; field
 //! names here are what users see in their JSON.
@@ -10,6 +11,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub mod service;
 
 /// Longest accepted job id, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
