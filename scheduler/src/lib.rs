@@ -10,6 +10,8 @@
 //! - [`summary`]: [`Summary`], counts per status, throughput, start latency, pass@1.
 //! - [`progress`]: the progress bar on stderr.
 //! - [`exit`]: the process exit codes of the `shardbox` binary.
+//! - [`service`]: `shardbox scheduler`, the scheduler as an HTTP service over a durable store,
+//!   serving remote workers with leases.
 //!
 //! The binary (`src/main.rs`) only parses arguments, starts the worker, wires signals to
 //! [`Stop`] and maps errors to [`exit`] codes.
@@ -19,6 +21,7 @@ pub mod batch;
 pub mod exit;
 pub mod progress;
 pub mod run;
+pub mod service;
 pub mod stop;
 pub mod summary;
 

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shardbox_scheduler::progress::Progress;
+use shardbox_scheduler::service::{Service, ServiceConfig};
 use shardbox_scheduler::{exit, run_batch, RunOptions, Stop, StopLevel, Summary};
 use shardbox_worker::runsc::Runsc;
 use shardbox_worker::{Worker, WorkerConfig};
@@ -38,6 +39,19 @@ enum Command {
     Run(RunArgs),
     /// Print the versions of shardbox and of the runsc it would use.
     Version(VersionArgs),
+    /// Serve the scheduler's HTTP API: durable batches, leases to remote workers, results.
+    Scheduler(SchedulerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SchedulerArgs {
+    /// Scheduler configuration (TOML with a `[scheduler]` table), such as
+    /// configs/scheduler.toml.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Address to listen on, overriding the configuration's `listen`.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,6 +112,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Version(args) => version(args).await,
+            Command::Scheduler(args) => serve(args).await,
         }
     });
     match outcome {
@@ -289,4 +304,44 @@ fn watch_signals(stop: Stop, progress: Progress) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// `shardbox scheduler`: serves until SIGINT or SIGTERM, then lets open requests finish.
+async fn serve(args: SchedulerArgs) -> Result<u8, Failure> {
+    let mut config = ServiceConfig::load(&args.config).or_exit(exit::USAGE)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+        .or_exit(exit::RUNTIME)?;
+    let data_dir = config.data_dir.clone();
+    let mut service = Service::start(config, Some(metrics))
+        .await
+        .with_context(|| {
+            format!(
+                "the scheduler could not start (store in {})",
+                data_dir.display()
+            )
+        })
+        .or_exit(exit::RUNTIME)?;
+    eprintln!("shardbox: scheduler listening on http://{}", service.addr);
+    let mut interrupt = signal(SignalKind::interrupt()).or_exit(exit::RUNTIME)?;
+    let mut terminate = signal(SignalKind::terminate()).or_exit(exit::RUNTIME)?;
+    tokio::select! {
+        outcome = service.wait() => {
+            outcome.context("the scheduler failed").or_exit(exit::RUNTIME)?;
+            return Ok(exit::RUNTIME);
+        }
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("shardbox: stopping the scheduler; everything accepted is on disk");
+    service
+        .stop()
+        .await
+        .context("the scheduler failed while stopping")
+        .or_exit(exit::RUNTIME)?;
+    Ok(exit::OK)
 }
