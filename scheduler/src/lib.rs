@@ -2,6 +2,7 @@
 //! worker's warm sandboxes and writes their results. `shardbox run` is this crate with one local
 //! worker in the same process.
 //!
+//! - [`client`]: [`ApiClient`], the typed HTTP client of the scheduler service.
 //! - [`run`]: [`run_batch`], the reader, per-template dispatchers, run tasks and result writer.
 //! - [`backend`]: [`Backend`], what the scheduler needs from a worker; implemented by
 //!   [`shardbox_worker::Worker`].
@@ -16,6 +17,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod client;
 pub mod exit;
 pub mod progress;
 pub mod run;
@@ -23,6 +25,7 @@ pub mod stop;
 pub mod summary;
 
 pub use backend::Backend;
+pub use client::{ApiClient, ClientError};
 pub use run::{run_batch, RunError, RunOptions};
 pub use stop::{Stop, StopLevel};
 pub use summary::Summary;
