@@ -3,6 +3,8 @@
 //! worker in the same process.
 //!
 //! - [`client`]: [`ApiClient`], the typed HTTP client of the scheduler service.
+//! - [`agent`]: [`run_agent`], the pull loop of `shardbox worker`, over an [`Executor`]
+//!   (the real worker, or the simulated executor that runs no code).
 //! - [`run`]: [`run_batch`], the reader, per-template dispatchers, run tasks and result writer.
 //! - [`backend`]: [`Backend`], what the scheduler needs from a worker; implemented by
 //!   [`shardbox_worker::Worker`].
@@ -15,6 +17,7 @@
 //! The binary (`src/main.rs`) only parses arguments, starts the worker, wires signals to
 //! [`Stop`] and maps errors to [`exit`] codes.
 
+pub mod agent;
 pub mod backend;
 pub mod batch;
 pub mod client;
@@ -24,6 +27,7 @@ pub mod run;
 pub mod stop;
 pub mod summary;
 
+pub use agent::{run_agent, AgentError, AgentOptions, AgentReport, Executor};
 pub use backend::Backend;
 pub use client::{ApiClient, ClientError};
 pub use run::{run_batch, RunError, RunOptions};
