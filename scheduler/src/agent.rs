@@ -480,6 +480,8 @@ async fn upload(session: Arc<Session>, mut rx: mpsc::UnboundedReceiver<FinishedJ
     let mut open = true;
     let mut sent = 0;
     let mut backoff = Backoff::new(options);
+    // Most results per request; halved when the scheduler finds a request too large.
+    let mut limit = options.flush_max.max(1);
     while open || !pending.is_empty() {
         // Gather: wait for a first result, then up to `flush_interval` for more.
         if open && pending.is_empty() {
@@ -499,7 +501,7 @@ async fn upload(session: Arc<Session>, mut rx: mpsc::UnboundedReceiver<FinishedJ
         if pending.is_empty() {
             continue;
         }
-        let count = pending.len().min(options.flush_max);
+        let count = pending.len().min(limit);
         let request = ResultsRequest {
             results: pending[..count].to_vec(),
         };
@@ -511,6 +513,12 @@ async fn upload(session: Arc<Session>, mut rx: mpsc::UnboundedReceiver<FinishedJ
                     duplicates = accepted.duplicates, unknown = accepted.unknown, "results sent");
                 pending.drain(..count);
                 sent += count as u64;
+            }
+            Err(err)
+                if err.status() == Some(reqwest::StatusCode::PAYLOAD_TOO_LARGE) && count > 1 =>
+            {
+                limit = count / 2;
+                tracing::warn!(worker = %id, limit, "results request too large; sending fewer");
             }
             Err(err) => {
                 tracing::warn!(worker = %id, results = pending.len(), error = %err,

@@ -565,6 +565,7 @@ async fn follow_results(
             }
             Err(err) => return Err(fetch(err)),
         };
+        let before = received;
         while let Some(line) = lines.next().await {
             let line = match line {
                 Ok(line) => line,
@@ -587,6 +588,10 @@ async fn follow_results(
             progress.add_done(&summary);
         }
         out.flush().await.map_err(FollowError::Write)?;
+        if received == before {
+            // The stream ended with nothing new although the batch is not done: do not spin.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     out.shutdown().await.map_err(FollowError::Write)?;
     if unreadable > 0 {

@@ -461,3 +461,263 @@ async fn result_lines_resume_after_a_broken_stream() {
     let expected: Vec<String> = (0..10).map(|n| format!("{{\"n\":{n}}}")).collect();
     assert_eq!(got, expected);
 }
+
+/// The `shardbox` binary with logging quiet.
+fn shardbox() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_shardbox"));
+    command
+        .env_remove("SHARDBOX_LOG")
+        .env_remove("SHARDBOX_CLIENT_TOKEN")
+        .env_remove("SHARDBOX_WORKER_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shardbox_worker_with_the_simulated_executor_serves_until_sigint_then_leaves() {
+    const JOBS: u64 = 40;
+    let capacity = BTreeMap::from([("python".to_owned(), 3)]);
+    let fake = Arc::new(Fake {
+        capacity: capacity.clone(),
+        queues: Mutex::new(BTreeMap::from([(
+            "python".to_owned(),
+            (1..=JOBS).collect(),
+        )])),
+        ..Fake::default()
+    });
+    let base = serve(Arc::clone(&fake)).await;
+    let child = shardbox()
+        .args([
+            "worker",
+            "--simulated-executor",
+            "--templates",
+            "python=3",
+            "--job-ms",
+            "1",
+        ])
+        .args(["--scheduler", &base])
+        .env("SHARDBOX_WORKER_TOKEN", WORKER_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while fake.results.lock().len() < JOBS as usize {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "results did not all arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the worker stops after SIGINT")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("simulated executor: it runs no code"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{JOBS} jobs leased, {JOBS} results sent")),
+        "{stderr}"
+    );
+    assert_eq!(*fake.left.lock(), vec!["w1".to_owned()]);
+    let results = fake.results.lock();
+    for line in 1..=JOBS {
+        let (count, result) = &results[&line];
+        assert_eq!(*count, 1);
+        assert_eq!(result.status, Status::Ok);
+        assert!(result.worker.starts_with("simulated-"), "{}", result.worker);
+    }
+}
+
+/// A fake of the batch side of the service: one batch, its results served in two goes.
+#[derive(Default)]
+struct FakeBatches {
+    body: Mutex<Vec<u8>>,
+    query: Mutex<String>,
+    results_offsets: Mutex<Vec<u64>>,
+}
+
+const CLIENT_TOKEN: &str = "c-secret";
+
+fn result_line(n: u64) -> String {
+    let mut result = JobResult::without_run(format!("job-{n}"), Status::Ok, "");
+    result.error = None;
+    result.attempts = 1;
+    if n == 2 {
+        result.status = Status::Failed;
+    }
+    serde_json::to_string(&result).unwrap() + "\n"
+}
+
+async fn submit_batch(
+    State(fake): State<Arc<FakeBatches>>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    body: axum::body::Body,
+) -> Response {
+    if headers.get("authorization").and_then(|v| v.to_str().ok())
+        != Some(&format!("Bearer {CLIENT_TOKEN}"))
+    {
+        return error(StatusCode::UNAUTHORIZED, "bad token", None);
+    }
+    assert_eq!(
+        headers.get("content-type").unwrap().to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    *fake.query.lock() = query.unwrap_or_default();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        fake.body.lock().extend_from_slice(&chunk.unwrap());
+    }
+    let lines = fake
+        .body
+        .lock()
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count() as u64;
+    let accepted = shardbox_proto::service::BatchAccepted {
+        batch: 5,
+        lines,
+        accepted: lines,
+        invalid: 0,
+    };
+    (StatusCode::CREATED, Json(accepted)).into_response()
+}
+
+async fn batch_status(State(fake): State<Arc<FakeBatches>>, Path(id): Path<u64>) -> Response {
+    assert_eq!(id, 5);
+    let calls = fake.results_offsets.lock().len();
+    let status = shardbox_proto::service::BatchStatus {
+        batch: 5,
+        name: "b.jsonl".into(),
+        priority: 3,
+        // Done once the results were asked for twice (the first stream breaks).
+        state: if calls >= 2 {
+            shardbox_proto::service::BatchState::Done
+        } else {
+            shardbox_proto::service::BatchState::Running
+        },
+        cancelled: false,
+        truncated: false,
+        lines: 6,
+        accepted: 6,
+        invalid: 0,
+        results: if calls >= 2 { 6 } else { 0 },
+        queued: 0,
+        leased: 0,
+        statuses: BTreeMap::new(),
+        created_ms: 0,
+    };
+    Json(status).into_response()
+}
+
+async fn batch_results(
+    State(fake): State<Arc<FakeBatches>>,
+    Path(id): Path<u64>,
+    Query(query): Query<ResultsQuery>,
+) -> Response {
+    assert_eq!(id, 5);
+    assert!(query.follow);
+    let first = {
+        let mut offsets = fake.results_offsets.lock();
+        offsets.push(query.offset);
+        offsets.len() == 1
+    };
+    let text: String = (query.offset + 1..=6).map(result_line).collect();
+    let body = if first {
+        // Three lines, then the connection breaks.
+        let cut = (1..=3).map(result_line).collect::<String>();
+        let chunks = vec![
+            Ok(bytes::Bytes::from(cut)),
+            Err(std::io::Error::other("lost")),
+        ];
+        let chunks = futures_util::stream::iter(chunks).then(|chunk| async move {
+            if chunk.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            chunk
+        });
+        axum::body::Body::from_stream(chunks)
+    } else {
+        axum::body::Body::from(text)
+    };
+    ([("content-type", "application/x-ndjson")], body).into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shardbox_submit_wait_streams_the_batch_and_resumes_the_results() {
+    let fake = Arc::new(FakeBatches::default());
+    let app = Router::new()
+        .route("/v1/batches", post(submit_batch))
+        .route("/v1/batches/{id}", get(batch_status))
+        .route("/v1/batches/{id}/results", get(batch_results))
+        .with_state(Arc::clone(&fake));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("b.jsonl");
+    let jobs: String = (1..=6)
+        .map(|n| format!("{{\"id\":\"job-{n}\",\"code\":\"print({n})\"}}\n"))
+        .collect();
+    std::fs::write(&batch, &jobs).unwrap();
+    let out = dir.path().join("results.jsonl");
+    let output = shardbox()
+        .arg("submit")
+        .arg(&batch)
+        .args(["--scheduler", &format!("http://{addr}")])
+        .args(["--priority", "3", "--wait", "--out"])
+        .arg(&out)
+        .env("SHARDBOX_CLIENT_TOKEN", CLIENT_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(*fake.body.lock(), jobs.as_bytes());
+    assert_eq!(*fake.query.lock(), "name=b.jsonl&priority=3");
+    assert!(
+        stdout.starts_with(r#"{"batch":5,"lines":6,"accepted":6,"invalid":0}"#),
+        "{stdout}"
+    );
+    assert!(stdout.contains("status: ok 5, failed 1\n"), "{stdout}");
+    assert_eq!(*fake.results_offsets.lock(), vec![0, 3]);
+    let written = std::fs::read_to_string(&out).unwrap();
+    let expected: String = (1..=6).map(result_line).collect();
+    assert_eq!(written, expected);
+
+    // No token: a usage error before anything is sent.
+    let output = shardbox()
+        .arg("submit")
+        .arg(&batch)
+        .args(["--scheduler", &format!("http://{addr}")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    // A wrong token: the scheduler's refusal, as a usage error.
+    let output = shardbox()
+        .arg("submit")
+        .arg(&batch)
+        .args(["--scheduler", &format!("http://{addr}"), "--token", "nope"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(stderr.contains("bad token"), "{stderr}");
+}
