@@ -311,7 +311,12 @@ impl<E: Executor> LeaseLoop<E> {
                 })
                 .collect();
             if want.is_empty() {
-                // Every template is full: wait for a job to end.
+                // Every template is full: wait for a job to end (or, serving no template at
+                // all, for the stop).
+                if self.jobs.is_empty() {
+                    stop.wait_for(StopLevel::Drain).await;
+                    return None;
+                }
                 tokio::select! {
                     biased;
                     () = stop.wait_for(StopLevel::Drain) => return None,
@@ -364,7 +369,8 @@ impl<E: Executor> LeaseLoop<E> {
         }
     }
 
-    /// Starts a task running `job`; its result goes to the uploader.
+    /// Starts a task running `job`; its result goes to the uploader. A job beyond what was
+    /// asked for (a scheduler's mistake) still runs: a leased job is never dropped.
     fn start(&mut self, job: LeasedJob) {
         self.leased += 1;
         *self.in_flight.entry(job.template.clone()).or_default() += 1;

@@ -29,8 +29,9 @@ use tokio::io::{AsyncBufRead, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 every batch line got a result (whatever the jobs' statuses); 2 bad usage or \
-configuration; 3 shardbox failed while running (reading the batch, writing results); 4 the \
+Exit codes: 0 every batch line got a result (whatever the jobs' statuses), or a worker stopped \
+on SIGINT/SIGTERM; 2 bad usage or configuration (a missing or refused token too); 3 shardbox \
+failed while running (reading the batch, writing results, the scheduler failing); 4 the \
 sandbox system could not start (runsc, cgroups, rootfs, template build); 130 interrupted.
 
 Logging goes to stderr, filtered by SHARDBOX_LOG (default `warn`, e.g. SHARDBOX_LOG=debug).";
