@@ -2,6 +2,9 @@
 //! worker's warm sandboxes and writes their results. `shardbox run` is this crate with one local
 //! worker in the same process.
 //!
+//! - [`client`]: [`ApiClient`], the typed HTTP client of the scheduler service.
+//! - [`agent`]: [`run_agent`], the pull loop of `shardbox worker`, over an [`Executor`]
+//!   (the real worker, or the simulated executor that runs no code).
 //! - [`run`]: [`run_batch`], the reader, per-template dispatchers, run tasks and result writer.
 //! - [`backend`]: [`Backend`], what the scheduler needs from a worker; implemented by
 //!   [`shardbox_worker::Worker`].
@@ -16,8 +19,10 @@
 //! The binary (`src/main.rs`) only parses arguments, starts the worker, wires signals to
 //! [`Stop`] and maps errors to [`exit`] codes.
 
+pub mod agent;
 pub mod backend;
 pub mod batch;
+pub mod client;
 pub mod exit;
 pub mod progress;
 pub mod run;
@@ -25,7 +30,9 @@ pub mod service;
 pub mod stop;
 pub mod summary;
 
+pub use agent::{run_agent, AgentError, AgentOptions, AgentReport, Executor};
 pub use backend::Backend;
+pub use client::{ApiClient, ClientError};
 pub use run::{run_batch, RunError, RunOptions};
 pub use stop::{Stop, StopLevel};
 pub use summary::Summary;

@@ -1,27 +1,38 @@
 //! `shardbox`: runs batches of untrusted jobs in gVisor sandboxes restored from checkpoints.
 //!
 //! This binary only parses arguments, opens files, starts the worker, wires signals and maps
-//! failures to exit codes; the scheduling itself is `shardbox_scheduler::run_batch`.
+//! failures to exit codes; the scheduling itself is `shardbox_scheduler::run_batch`, the
+//! scheduler service's clients are `shardbox_scheduler::client` (`shardbox submit`) and
+//! `shardbox_scheduler::agent` (`shardbox worker`).
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use shardbox_proto::service::BatchState;
+use shardbox_proto::JobResult;
+use shardbox_scheduler::agent::{RuntimeExecutor, SimulatedExecutor};
 use shardbox_scheduler::progress::Progress;
 use shardbox_scheduler::service::{Service, ServiceConfig};
-use shardbox_scheduler::{exit, run_batch, RunOptions, Stop, StopLevel, Summary};
+use shardbox_scheduler::{
+    exit, run_agent, run_batch, AgentError, AgentOptions, AgentReport, ApiClient, ClientError,
+    Executor, RunOptions, Stop, StopLevel, Summary,
+};
 use shardbox_worker::runsc::Runsc;
 use shardbox_worker::{Worker, WorkerConfig};
-use tokio::io::{AsyncBufRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 every batch line got a result (whatever the jobs' statuses); 2 bad usage or \
-configuration; 3 shardbox failed while running (reading the batch, writing results); 4 the \
+Exit codes: 0 every batch line got a result (whatever the jobs' statuses), or a worker stopped \
+on SIGINT/SIGTERM; 2 bad usage or configuration (a missing or refused token too); 3 shardbox \
+failed while running (reading the batch, writing results, the scheduler failing); 4 the \
 sandbox system could not start (runsc, cgroups, rootfs, template build); 130 interrupted.
 
 Logging goes to stderr, filtered by SHARDBOX_LOG (default `warn`, e.g. SHARDBOX_LOG=debug).";
@@ -37,6 +48,10 @@ struct Cli {
 enum Command {
     /// Run a JSONL batch of jobs and write one JSON result per line, in completion order.
     Run(RunArgs),
+    /// Submit a JSONL batch to a scheduler service; with --wait, also fetch its results.
+    Submit(SubmitArgs),
+    /// Serve a scheduler service: lease its jobs, run them, send back their results.
+    Worker(WorkerArgs),
     /// Print the versions of shardbox and of the runsc it would use.
     Version(VersionArgs),
     /// Serve the scheduler's HTTP API: durable batches, leases to remote workers, results.
@@ -52,6 +67,85 @@ struct SchedulerArgs {
     /// Address to listen on, overriding the configuration's `listen`.
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
+}
+
+/// Environment variable holding the client token of `shardbox submit`.
+const CLIENT_TOKEN_ENV: &str = "SHARDBOX_CLIENT_TOKEN";
+/// Environment variable holding the worker token of `shardbox worker`.
+const WORKER_TOKEN_ENV: &str = "SHARDBOX_WORKER_TOKEN";
+
+#[derive(Debug, clap::Args)]
+struct SubmitArgs {
+    /// The batch: one JSON job per line (`-` for standard input), streamed to the scheduler.
+    batch: PathBuf,
+    /// The scheduler service's URL, such as http://10.0.0.5:7070.
+    #[arg(long, value_name = "URL")]
+    scheduler: String,
+    /// Client token [default: $SHARDBOX_CLIENT_TOKEN].
+    #[arg(long, value_name = "T")]
+    token: Option<String>,
+    /// Name of the batch [default: the batch file's name].
+    #[arg(long, value_name = "N")]
+    name: Option<String>,
+    /// Priority: higher runs first.
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    priority: i32,
+    /// Wait for every result, writing them to --out, then print a summary.
+    #[arg(long, requires = "out")]
+    wait: bool,
+    /// Where results go with --wait, one JSON object per line; created or replaced.
+    #[arg(long, value_name = "RESULTS", requires = "wait")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// The scheduler service's URL, such as http://10.0.0.5:7070.
+    #[arg(long, value_name = "URL")]
+    scheduler: String,
+    /// Worker token [default: $SHARDBOX_WORKER_TOKEN].
+    #[arg(long, value_name = "T")]
+    token: Option<String>,
+    /// Worker configuration (TOML); the configuration built into shardbox by default.
+    #[arg(long, value_name = "FILE", conflicts_with = "simulated_executor")]
+    config: Option<PathBuf>,
+    /// Templates to serve and how many jobs of each run at once, such as python=8,exec=2
+    /// [default: every configured template, capacity from its pool settings].
+    #[arg(long, value_name = "NAME=N", value_delimiter = ',', value_parser = parse_capacity)]
+    templates: Vec<(String, u32)>,
+    /// Use the simulated executor: RUNS NO CODE, starts no sandbox and needs no runsc; every
+    /// job gets an `ok` result after --job-ms. For benchmarks and tests of the scheduler
+    /// alone. Needs --templates.
+    #[arg(long, requires = "templates")]
+    simulated_executor: bool,
+    /// With --simulated-executor: how long each simulated job takes, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 0,
+        requires = "simulated_executor"
+    )]
+    job_ms: u64,
+}
+
+fn parse_capacity(text: &str) -> Result<(String, u32), String> {
+    let (name, n) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=N"))?;
+    let n: u32 = n
+        .parse()
+        .map_err(|_| format!("{n:?} is not a whole number"))?;
+    if name.is_empty() || n == 0 {
+        return Err(format!(
+            "{text:?}: give a template name and a capacity above 0"
+        ));
+    }
+    Ok((name.to_owned(), n))
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,8 +205,10 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Submit(args) => submit(args).await,
+            Command::Worker(args) => worker(args).await,
             Command::Version(args) => version(args).await,
-            Command::Scheduler(args) => serve(args).await,
+            Command::Scheduler(args) => scheduler(args).await,
         }
     });
     match outcome {
@@ -307,7 +403,7 @@ fn watch_signals(stop: Stop, progress: Progress) -> std::io::Result<()> {
 }
 
 /// `shardbox scheduler`: serves until SIGINT or SIGTERM, then lets open requests finish.
-async fn serve(args: SchedulerArgs) -> Result<u8, Failure> {
+async fn scheduler(args: SchedulerArgs) -> Result<u8, Failure> {
     let mut config = ServiceConfig::load(&args.config).or_exit(exit::USAGE)?;
     if let Some(listen) = args.listen {
         config.listen = listen;
@@ -344,4 +440,349 @@ async fn serve(args: SchedulerArgs) -> Result<u8, Failure> {
         .context("the scheduler failed while stopping")
         .or_exit(exit::RUNTIME)?;
     Ok(exit::OK)
+}
+
+/// The token from `flag`, or else from the environment variable `env`.
+fn token(flag: Option<String>, env: &str) -> Result<String, Failure> {
+    match flag.or_else(|| std::env::var(env).ok()) {
+        Some(token) if !token.is_empty() => Ok(token),
+        _ => Err(Failure {
+            code: exit::USAGE,
+            error: anyhow::anyhow!("no token: give --token or set {env}"),
+        }),
+    }
+}
+
+/// The exit code of a failed call: a refused token is a usage error, anything else a runtime
+/// failure.
+fn client_exit(err: &ClientError) -> u8 {
+    match err.status().map(|s| s.as_u16()) {
+        Some(401 | 403) => exit::USAGE,
+        _ => match err {
+            ClientError::Url { .. } | ClientError::Open { .. } => exit::USAGE,
+            _ => exit::RUNTIME,
+        },
+    }
+}
+
+fn client_failure(err: ClientError, context: String) -> Failure {
+    Failure {
+        code: client_exit(&err),
+        error: anyhow::Error::new(err).context(context),
+    }
+}
+
+async fn submit(args: SubmitArgs) -> Result<u8, Failure> {
+    let token = token(args.token, CLIENT_TOKEN_ENV)?;
+    let client = ApiClient::new(&args.scheduler, token).or_exit(exit::USAGE)?;
+    let stdin = args.batch == Path::new("-");
+    let out = match &args.out {
+        Some(out) => Some(open_out(out, &args.batch)?),
+        None => None,
+    };
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.batch
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|_| !stdin)
+            .unwrap_or_default()
+    });
+
+    let accepted = loop {
+        let attempt = if stdin {
+            client
+                .submit(tokio::io::stdin(), &name, args.priority)
+                .await
+        } else {
+            client.submit_file(&args.batch, &name, args.priority).await
+        };
+        match attempt {
+            Ok(accepted) => break accepted,
+            // Only a refusal under load is retried: it comes before the body is stored. A
+            // broken upload may have stored part of the batch, so it is not sent again.
+            Err(err) if !stdin && err.status().map(|s| s.as_u16()) == Some(503) => {
+                let wait = err.retry_after().unwrap_or(Duration::from_secs(1));
+                eprintln!(
+                    "shardbox: the scheduler is busy; submitting again in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(err) => {
+                if let ClientError::Status { body, .. } = &err {
+                    if let (Some(batch), Some(kept)) = (body.batch, body.accepted) {
+                        eprintln!(
+                            "shardbox: batch {batch} was cut short: its first {kept} jobs were \
+                             kept and will run"
+                        );
+                    }
+                }
+                let what = format!("cannot submit {}", args.batch.display());
+                return Err(client_failure(err, what));
+            }
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&accepted).expect("a batch answer serializes")
+    );
+    let (Some(out), Some(out_path)) = (out, args.out) else {
+        return Ok(exit::OK);
+    };
+    let out = match out.set_len(0) {
+        Ok(()) => tokio::fs::File::from_std(out),
+        Err(err) => {
+            let context = format!("cannot truncate results file {}", out_path.display());
+            return Err(anyhow::Error::new(err).context(context)).or_exit(exit::RUNTIME);
+        }
+    };
+    let progress = Progress::new(std::io::stderr().is_terminal());
+    let interrupted = async {
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        std::io::Result::Ok(())
+    };
+    let waited = tokio::select! {
+        waited = follow_results(&client, accepted.batch, out, &progress) => waited,
+        signalled = interrupted => {
+            progress.finish();
+            signalled.context("cannot watch signals").or_exit(exit::RUNTIME)?;
+            eprintln!(
+                "shardbox: interrupted; batch {} keeps running on the scheduler, results so \
+                 far are in {}",
+                accepted.batch,
+                out_path.display()
+            );
+            return Ok(exit::INTERRUPTED);
+        }
+    };
+    progress.finish();
+    let summary = waited
+        .with_context(|| format!("results so far are in {}", out_path.display()))
+        .or_exit(exit::RUNTIME)?;
+    print_summary(&summary);
+    Ok(exit::OK)
+}
+
+/// Why waiting for a batch's results failed.
+#[derive(Debug, thiserror::Error)]
+enum FollowError {
+    #[error("cannot fetch the results of batch {batch}")]
+    Fetch {
+        batch: u64,
+        #[source]
+        source: ClientError,
+    },
+    #[error("cannot write results")]
+    Write(#[source] std::io::Error),
+}
+
+/// Streams the results of `batch` into `out` until it has them all, resuming after the number
+/// of lines received whenever the connection drops or the scheduler restarts.
+async fn follow_results(
+    client: &ApiClient,
+    batch: u64,
+    out: tokio::fs::File,
+    progress: &Progress,
+) -> Result<Summary, FollowError> {
+    let started = Instant::now();
+    let mut out = tokio::io::BufWriter::with_capacity(64 << 10, out);
+    let mut summary = Summary::new();
+    let mut received: u64 = 0;
+    let mut unreadable: u64 = 0;
+    let mut failures: u32 = 0;
+    let fetch = |source| FollowError::Fetch { batch, source };
+    progress.start();
+    loop {
+        // Where the batch stands: its size for the bar, and whether every result is in.
+        let status = match client.batch(batch).await {
+            Ok(status) => Some(status),
+            Err(err) if err.is_retryable() => {
+                wait_retry(progress, &err, &mut failures).await;
+                continue;
+            }
+            Err(err) => return Err(fetch(err)),
+        };
+        if let Some(status) = &status {
+            progress.set_known(status.lines);
+            if status.state == BatchState::Done && received >= status.results {
+                break;
+            }
+        }
+        let mut lines = match client.results(batch, received, true).await {
+            Ok(lines) => lines,
+            Err(err) if err.is_retryable() => {
+                wait_retry(progress, &err, &mut failures).await;
+                continue;
+            }
+            Err(err) => return Err(fetch(err)),
+        };
+        let before = received;
+        while let Some(line) = lines.next().await {
+            let line = match line {
+                Ok(line) => line,
+                Err(err) => {
+                    wait_retry(progress, &err, &mut failures).await;
+                    break;
+                }
+            };
+            failures = 0;
+            out.write_all(&line).await.map_err(FollowError::Write)?;
+            out.write_all(b"\n").await.map_err(FollowError::Write)?;
+            received += 1;
+            match serde_json::from_slice::<JobResult>(&line) {
+                Ok(result) => summary.record(&result),
+                Err(err) => {
+                    unreadable += 1;
+                    tracing::warn!(line = received, error = %err, "a result line does not parse");
+                }
+            }
+            progress.add_done(&summary);
+        }
+        out.flush().await.map_err(FollowError::Write)?;
+        if received == before {
+            // The stream ended with nothing new although the batch is not done: do not spin.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    out.shutdown().await.map_err(FollowError::Write)?;
+    if unreadable > 0 {
+        progress.println(&format!(
+            "shardbox: {unreadable} result lines were not JSON results (written as received)"
+        ));
+    }
+    summary.wall = started.elapsed();
+    Ok(summary)
+}
+
+/// Waits before fetching again after `err`: longer after each failure in a row, up to 10 s.
+async fn wait_retry(progress: &Progress, err: &ClientError, failures: &mut u32) {
+    *failures += 1;
+    let wait = Duration::from_millis(200u64 << (*failures).min(6)).min(Duration::from_secs(10));
+    if *failures == 1 || (*failures).is_multiple_of(10) {
+        progress.println(&format!(
+            "shardbox: {}; retrying in {:.1} s",
+            anyhow_chain(err),
+            wait.as_secs_f64()
+        ));
+    }
+    tokio::time::sleep(wait).await;
+}
+
+fn anyhow_chain(err: &ClientError) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn worker(args: WorkerArgs) -> Result<u8, Failure> {
+    let token = token(args.token, WORKER_TOKEN_ENV)?;
+    let client = ApiClient::new(&args.scheduler, token).or_exit(exit::USAGE)?;
+    let overrides: BTreeMap<String, u32> = args.templates.into_iter().collect();
+    let stop = Stop::new();
+    watch_signals(stop.clone(), Progress::hidden())
+        .context("cannot install signal handlers")
+        .or_exit(exit::RUNTIME)?;
+
+    if args.simulated_executor {
+        let name = format!("simulated-{}", std::process::id());
+        eprintln!(
+            "shardbox: worker {name} uses the simulated executor: it runs no code, every job \
+             gets an `ok` result after {} ms",
+            args.job_ms
+        );
+        let executor = SimulatedExecutor::new(name, overrides, Duration::from_millis(args.job_ms));
+        return serve(client, Arc::new(executor), stop).await;
+    }
+
+    let config = load_config(args.config.as_deref())?;
+    for template in overrides.keys() {
+        if !config.templates.contains_key(template) {
+            return Err(Failure {
+                code: exit::USAGE,
+                error: anyhow::anyhow!("--templates names {template:?}, which is not configured"),
+            });
+        }
+    }
+    eprintln!("shardbox: starting the worker: building or loading its templates");
+    let worker = tokio::select! {
+        worker = Worker::start(&config) => worker
+            .context("the worker could not start")
+            .or_exit(exit::SANDBOX)?,
+        () = stop.wait_for(StopLevel::Drain) => {
+            eprintln!("shardbox: interrupted while starting the worker");
+            return Ok(exit::INTERRUPTED);
+        }
+    };
+    let worker = Arc::new(worker);
+    let templates = if overrides.is_empty() {
+        RuntimeExecutor::default_templates(&worker)
+    } else {
+        overrides
+    };
+    eprintln!(
+        "shardbox: worker {} ready ({}); serving {} at {}",
+        worker.name(),
+        worker.runsc_version(),
+        templates
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        client.base()
+    );
+    serve(
+        client,
+        Arc::new(RuntimeExecutor::new(worker, templates)),
+        stop,
+    )
+    .await
+}
+
+/// Runs the pull loop until a stop, and reports how it went.
+async fn serve<E: Executor>(
+    client: ApiClient,
+    executor: Arc<E>,
+    stop: Stop,
+) -> Result<u8, Failure> {
+    match run_agent(client, executor, AgentOptions::default(), stop).await {
+        Ok(report) => {
+            print_report(&report);
+            Ok(exit::OK)
+        }
+        Err(err) => {
+            let code = match &err {
+                AgentError::Register { source, .. } | AgentError::Lease { source, .. } => {
+                    client_exit(source)
+                }
+            };
+            Err(Failure {
+                code,
+                error: err.into(),
+            })
+        }
+    }
+}
+
+fn print_report(report: &AgentReport) {
+    eprintln!(
+        "shardbox: worker stopped: {} jobs leased, {} results sent, {} registrations{}",
+        report.leased,
+        report.sent,
+        report.registrations,
+        if report.dropped > 0 {
+            format!(", {} results given up", report.dropped)
+        } else {
+            String::new()
+        }
+    );
 }

@@ -50,6 +50,13 @@ impl Progress {
         }
     }
 
+    /// The number of jobs known is `total` (a batch's size, once the scheduler knows it).
+    pub fn set_known(&self, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+        }
+    }
+
     /// One more result was written; `summary` holds the counts so far.
     pub fn add_done(&self, summary: &Summary) {
         if let Some(bar) = &self.bar {
