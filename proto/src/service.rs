@@ -2,7 +2,8 @@
 //!
 //! Clients submit batches and read results; workers register, lease jobs, send results and
 //! heartbeats. A job inside a batch is named by `(batch, line)`: its batch id and its 1-based
-//! line number in the submitted body.
+//! line number in the submitted body, blank lines included in the count (as `shardbox run`
+//! numbers them; blank lines themselves are skipped).
 
 use std::collections::BTreeMap;
 

@@ -208,7 +208,10 @@ async fn a_batch_runs_through_lease_and_results_with_invalid_lines_numbered() {
         .collect();
     assert_eq!(invalid.len(), 2);
     assert_eq!(invalid[0].0, 4);
-    assert_eq!(invalid[1].0, 5);
+    assert_eq!(
+        invalid[1].0, 6,
+        "line numbers count the blank line, as in `shardbox run`"
+    );
     assert!(
         invalid[1].1.contains("duplicate job id \"a0\""),
         "{invalid:?}"
@@ -232,7 +235,7 @@ async fn a_batch_runs_through_lease_and_results_with_invalid_lines_numbered() {
     let other = h.register(&[("nope", 1)]).await;
     let (_, jobs) = h.lease(&other, "nope", 4, 1000).await;
     assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0]["line"], 6);
+    assert_eq!(jobs[0]["line"], 7);
     h.finish(&other, &jobs, "w2").await;
     let tail = tokio::time::timeout(Duration::from_secs(10), follower)
         .await

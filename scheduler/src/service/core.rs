@@ -434,6 +434,7 @@ impl Scheduler {
             meta,
             jobs: Vec::new(),
             invalid: Vec::new(),
+            in_flight: None,
             ids: HashSet::new(),
             hasher: std::hash::RandomState::new(),
         })
@@ -494,10 +495,14 @@ impl Scheduler {
         let worker = self.touch(id)?;
         let queues: Vec<(String, usize, Arc<TemplateQueue>, usize)> = want
             .iter()
-            .filter(|(t, n)| **n > 0 && worker.templates.contains_key(*t))
+            .filter_map(|(t, n)| {
+                // Never more than the capacity the worker registered.
+                let n = (*n).min(*worker.templates.get(t)?);
+                (n > 0).then_some((t, n))
+            })
             .map(|(t, n)| {
                 let (index, queue) = self.queue_of(t);
-                (t.clone(), index, queue, *n as usize)
+                (t.clone(), index, queue, n as usize)
             })
             .collect();
         let deadline = Instant::now() + wait.min(Duration::from_millis(self.config.max_wait_ms));
@@ -524,10 +529,15 @@ impl Scheduler {
             if !taken.is_empty() || waits.is_empty() || Instant::now() >= deadline {
                 break;
             }
+            // Wait in slices shorter than a lease period: a worker waiting here is alive, and
+            // one dropped meanwhile for silence takes nothing.
+            let slice = Instant::now() + Duration::from_millis(self.config.lease_ms / 4);
             let any = futures_util::future::select_all(waits);
-            if tokio::time::timeout_at(deadline, any).await.is_err() {
-                break;
+            let _ = tokio::time::timeout_at(deadline.min(slice), any).await;
+            if !self.workers.read().contains_key(id) {
+                return Err(LeaseError::UnknownWorker(id.to_string()));
             }
+            worker.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
         }
         worker.last_seen_ms.store(self.now_ms(), Ordering::Relaxed);
         if taken.is_empty() {
@@ -544,6 +554,21 @@ impl Scheduler {
                     },
                 );
             }
+        }
+        if !self.workers.read().contains_key(id) {
+            // Dropped for silence between taking and recording: put the jobs back.
+            let entry = Arc::clone(&worker);
+            let leases: Vec<_> = entry.leases.lock().drain().collect();
+            let names = self.template_names.read().clone();
+            for ((batch_id, line), lease) in leases {
+                if let Some(batch) = self.batch(batch_id) {
+                    let meta = batch.inner.lock().meta.clone();
+                    let template = &names[lease.template];
+                    let now = Instant::now();
+                    self.queue_jobs(&batch, &meta, template, line, line + 1, lease.attempt, now);
+                }
+            }
+            return Err(LeaseError::UnknownWorker(id.to_string()));
         }
         metrics::counter!("shardbox_scheduler_leased_total").increment(taken.len() as u64);
         let keys: Vec<(u64, u64)> = taken.iter().map(|(_, t)| (t.batch, t.line)).collect();
@@ -598,8 +623,9 @@ impl Scheduler {
             let (status, json) = match serde_json::from_str::<StatusOnly>(raw) {
                 Ok(parsed) => (parsed.status, raw.as_bytes().to_vec()),
                 Err(err) => {
+                    let id = self.job_id(job.batch, job.line);
                     let mut result = JobResult::without_run(
-                        format!("line-{}", job.line),
+                        id.unwrap_or_else(|| format!("line-{}", job.line)),
                         Status::SandboxError,
                         format!("the worker sent an unreadable result: {err}"),
                     );
@@ -608,7 +634,7 @@ impl Scheduler {
                 }
             };
             let mut inner = batch.inner.lock();
-            if job.line == 0 || job.line > inner.meta.lines {
+            if job.line == 0 || job.line > inner.meta.last_line {
                 answer.unknown += 1;
                 continue;
             }
@@ -828,6 +854,16 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("results serialize")
 }
 
+type BoxedWrite =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// A commit of an upload on its way to disk.
+struct InFlight {
+    writes: Vec<BoxedWrite>,
+    runs: Vec<(u64, String)>,
+    meta: BatchMeta,
+}
+
 /// The body of one batch being received: lines are checked, stored in group commits and
 /// queued as soon as they are on disk.
 pub struct Upload {
@@ -836,6 +872,8 @@ pub struct Upload {
     meta: BatchMeta,
     jobs: Vec<(u64, String, Vec<u8>)>,
     invalid: Vec<NewResult>,
+    /// The commit being written while the next lines are checked.
+    in_flight: Option<InFlight>,
     /// 128-bit hashes of the ids seen, to refuse duplicates.
     ids: HashSet<u128>,
     hasher: std::hash::RandomState,
@@ -853,16 +891,17 @@ impl Upload {
     }
 
     /// Checks one line (without its newline) and adds it to the next commit. Blank lines are
-    /// skipped without a number, as in `shardbox run`.
+    /// skipped but counted, so line numbers are those of the body, as in `shardbox run`.
     ///
     /// # Errors
     /// [`StoreError`] if a commit made room for it fails.
     pub async fn line(&mut self, text: &[u8]) -> Result<(), StoreError> {
+        self.meta.last_line += 1;
         if text.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
         self.meta.lines += 1;
-        let line = self.meta.lines;
+        let line = self.meta.last_line;
         let config = &self.scheduler.config;
         let checked = if text.len() > config.max_line_bytes {
             Err(InvalidJob {
@@ -881,6 +920,17 @@ impl Upload {
             }
         };
         let checked = checked.and_then(|job| {
+            // Every id read counts for duplicates, even on a line refused for another reason.
+            let first = self.hasher.hash_one(&job.id);
+            let second = self.hasher.hash_one((&job.id, 0x5eed_u32));
+            let key = (u128::from(first) << 64) | u128::from(second);
+            if !self.ids.insert(key) {
+                return Err(InvalidJob {
+                    line,
+                    id: Some(job.id.clone()),
+                    reason: format!("duplicate job id {:?} in this batch", job.id),
+                });
+            }
             let template = job
                 .template
                 .clone()
@@ -890,16 +940,6 @@ impl Upload {
                     line,
                     id: Some(job.id.clone()),
                     reason: format!("unknown template {template:?}"),
-                });
-            }
-            let first = self.hasher.hash_one(&job.id);
-            let second = self.hasher.hash_one((&job.id, 0x5eed_u32));
-            let key = (u128::from(first) << 64) | u128::from(second);
-            if !self.ids.insert(key) {
-                return Err(InvalidJob {
-                    line,
-                    id: Some(job.id.clone()),
-                    reason: format!("duplicate job id {:?} in this batch", job.id),
                 });
             }
             Ok(template)
@@ -926,7 +966,8 @@ impl Upload {
         Ok(())
     }
 
-    /// Stores what was added since the last commit and queues its jobs.
+    /// Hands what was added since the last commit to the store, then waits for the previous
+    /// commit and queues its jobs: checking lines overlaps with writing them.
     ///
     /// # Errors
     /// [`StoreError`] if the store fails.
@@ -935,35 +976,63 @@ impl Upload {
         let jobs = std::mem::take(&mut self.jobs);
         let invalid = std::mem::take(&mut self.invalid);
         let runs: Vec<(u64, String)> = jobs.iter().map(|(l, t, _)| (*l, t.clone())).collect();
-        let cancelled = self.batch.inner.lock().meta.cancelled;
-        self.meta.cancelled = cancelled;
-        scheduler
+        let stored = scheduler
             .store
-            .write(Op::Jobs {
+            .send(Op::Jobs {
                 batch: self.batch.id,
                 meta: self.meta.clone(),
                 jobs,
             })
             .await?;
-        {
+        let mut writes: Vec<BoxedWrite> = vec![Box::pin(stored)];
+        if !invalid.is_empty() {
+            {
+                let mut inner = self.batch.inner.lock();
+                for result in &invalid {
+                    inner.claim(result.line, Status::Invalid);
+                }
+            }
+            let results = scheduler
+                .store
+                .send(Op::Results {
+                    batch: self.batch.id,
+                    results: invalid,
+                    published: self.batch.results.clone(),
+                })
+                .await?;
+            writes.push(Box::pin(results));
+        }
+        let previous = self.in_flight.replace(InFlight {
+            writes,
+            runs,
+            meta: self.meta.clone(),
+        });
+        if let Some(previous) = previous {
+            self.settle(previous).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for a commit, then makes its jobs visible: the batch's record and the queues.
+    async fn settle(&mut self, commit: InFlight) -> Result<(), StoreError> {
+        for write in commit.writes {
+            write.await?;
+        }
+        let scheduler = Arc::clone(&self.scheduler);
+        let cancelled = {
             let mut inner = self.batch.inner.lock();
             let cancelled = inner.meta.cancelled;
             inner.meta = BatchMeta {
                 cancelled,
-                ..self.meta.clone()
+                ..commit.meta.clone()
             };
-            for result in &invalid {
-                inner.claim(result.line, Status::Invalid);
-            }
-        }
-        if !invalid.is_empty() {
-            let mut by_batch = HashMap::new();
-            by_batch.insert(self.batch.id, invalid);
-            scheduler.write_results(by_batch).await?;
-        }
-        metrics::counter!("shardbox_scheduler_jobs_accepted_total").increment(runs.len() as u64);
+            cancelled
+        };
+        metrics::counter!("shardbox_scheduler_jobs_accepted_total")
+            .increment(commit.runs.len() as u64);
         // Queue consecutive lines of one template as one run.
         let now = Instant::now();
+        let runs = &commit.runs;
         let mut index = 0;
         while index < runs.len() {
             let (start, template) = &runs[index];
@@ -973,7 +1042,7 @@ impl Upload {
                 end += 1;
                 next += 1;
             }
-            scheduler.queue_jobs(&self.batch, &self.meta, template, *start, end, 1, now);
+            scheduler.queue_jobs(&self.batch, &commit.meta, template, *start, end, 1, now);
             index = next;
         }
         if cancelled {
@@ -996,6 +1065,9 @@ impl Upload {
         self.meta.closed = true;
         self.meta.truncated = truncated;
         self.commit().await?;
+        if let Some(last) = self.in_flight.take() {
+            self.settle(last).await?;
+        }
         self.batch.results.send_modify(|_| {});
         Ok(self.batch.id)
     }

@@ -224,12 +224,13 @@ async fn submit(
         .scheduler
         .begin_batch(query.name, query.priority)
         .await?;
+    let max_line = api.scheduler.config().max_line_bytes;
     let mut stream = body.into_data_stream();
     let mut pending: Vec<u8> = Vec::new();
     let mut received: u64 = 0;
     let mut failure: Option<Refusal> = None;
     while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
+        let mut chunk = match chunk {
             Ok(chunk) => chunk,
             Err(err) => {
                 failure = Some(Refusal::new(
@@ -239,26 +240,36 @@ async fn submit(
                 break;
             }
         };
-        received += chunk.len() as u64;
-        if received > limit {
+        if received + chunk.len() as u64 > limit {
+            // Keep the whole lines that fit under the limit, then refuse the rest.
+            chunk.truncate((limit - received) as usize);
+            let whole = chunk
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |cut| cut + 1);
+            chunk.truncate(whole);
             failure = Some(Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("batch body larger than max_batch_bytes ({limit} bytes)"),
             ));
-            break;
         }
+        received += chunk.len() as u64;
         let mut rest: &[u8] = &chunk;
         while let Some(cut) = rest.iter().position(|b| *b == b'\n') {
             if pending.is_empty() {
                 upload.line(&rest[..cut]).await?;
             } else {
-                pending.extend_from_slice(&rest[..cut]);
+                append_capped(&mut pending, &rest[..cut], max_line);
                 let line = std::mem::take(&mut pending);
                 upload.line(&line).await?;
             }
             rest = &rest[cut + 1..];
         }
-        pending.extend_from_slice(rest);
+        append_capped(&mut pending, rest, max_line);
+        if failure.is_some() {
+            pending.clear();
+            break;
+        }
     }
     if failure.is_none() && !pending.is_empty() {
         upload.line(&pending).await?;
@@ -285,6 +296,13 @@ async fn submit(
         invalid,
     };
     Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// Appends to a partial line, keeping at most one byte past `max`: enough for the line to be
+/// refused as too long without holding all of it.
+fn append_capped(pending: &mut Vec<u8>, bytes: &[u8], max: usize) {
+    let room = (max + 1).saturating_sub(pending.len());
+    pending.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
 async fn list_batches(State(api): State<Api>, headers: HeaderMap) -> Result<Response, Refusal> {
@@ -436,12 +454,33 @@ async fn worker_results(
 ) -> Result<Response, Refusal> {
     api.check(&headers, Some(Role::Worker))?;
     let limit = api.scheduler.config().max_request_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|err| {
+    let too_large = || {
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("results body unreadable or larger than {limit} bytes: {err}"),
+            format!("results body larger than max_request_bytes ({limit} bytes); send fewer"),
         )
-    })?;
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("results body broke off: {err}"),
+            )
+        })?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
     let request: ResultsRequest = parse(&bytes)?;
     let answer = api.scheduler.finish(&id, request.results).await?;
     Ok(Json(answer).into_response())

@@ -32,6 +32,9 @@ const ATTEMPTS: TableDefinition<(u64, u64), u32> = TableDefinition::new("attempt
 
 const NEXT_BATCH: &str = "next_batch";
 
+/// Page cache of the database.
+const STORE_CACHE_BYTES: usize = 64 << 20;
+
 /// Most ops applied in one transaction.
 const MAX_OPS_PER_COMMIT: usize = 256;
 
@@ -46,6 +49,9 @@ pub struct BatchMeta {
     pub created_ms: u64,
     /// Non-blank lines received so far.
     pub lines: u64,
+    /// Number of the last line received, blank lines included in the count.
+    #[serde(default)]
+    pub last_line: u64,
     /// Lines stored as jobs.
     pub accepted: u64,
     /// Lines given `invalid` results.
@@ -190,6 +196,18 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the transaction failed or the writer stopped.
     pub async fn write(&self, op: Op) -> Result<(), StoreError> {
+        self.send(op).await?.await
+    }
+
+    /// Hands `op` to the writer and returns what resolves once it is on disk, so the caller can
+    /// prepare the next op meanwhile.
+    ///
+    /// # Errors
+    /// [`StoreError::Stopped`] if the writer stopped.
+    pub async fn send(
+        &self,
+        op: Op,
+    ) -> Result<impl std::future::Future<Output = Result<(), StoreError>>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.clone();
         let request = Request { op, reply };
@@ -207,7 +225,7 @@ impl Store {
                 return Err(StoreError::Stopped)
             }
         }
-        answer.await.map_err(|_| StoreError::Stopped)?
+        Ok(async move { answer.await.map_err(|_| StoreError::Stopped)? })
     }
 
     /// The next batch id to hand out.
@@ -330,7 +348,12 @@ impl Store {
 fn open_database(path: &Path) -> Result<Database, StoreError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match Database::create(path) {
+        // The store is written in order and read mostly where it was just written: a modest
+        // cache keeps the scheduler's memory flat however many jobs it holds.
+        match Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+        {
             Ok(db) => return Ok(db),
             Err(redb::DatabaseError::DatabaseAlreadyOpen)
                 if std::time::Instant::now() < deadline =>
