@@ -6,9 +6,12 @@
 //! - `throughput`: fresh sandboxes per second through shardbox against a bare loop of restores.
 //! - `process`: jobs per second in process isolation against sandbox isolation, host
 //!   subprocesses and a bare fork loop inside one sandbox.
+//! - `scheduler`: a million jobs end to end through the scheduler service with simulated
+//!   executors, against Ray's no-op tasks.
 
 mod process;
 mod report;
+mod scheduler;
 mod start;
 mod throughput;
 
@@ -40,6 +43,8 @@ enum Suite {
     Throughput(throughput::Args),
     /// Process isolation against sandbox isolation, host subprocesses and a bare fork loop.
     Process(process::Args),
+    /// A million jobs through the scheduler service with simulated executors, against Ray.
+    Scheduler(scheduler::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Start(args) => start::run(config, args).await,
             Suite::Throughput(args) => throughput::run(config, args).await,
             Suite::Process(args) => process::run(config, args).await,
+            Suite::Scheduler(args) => scheduler::run(config, args).await,
         }
     })?;
     let text = serde_json::to_string_pretty(&figures)?;
