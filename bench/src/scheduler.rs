@@ -113,7 +113,9 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// Runs the suite.
 pub async fn run(_config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
     let binary = shardbox_binary()?;
-    let dir = tempfile::Builder::new().prefix("shardbox-bench-scheduler").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("shardbox-bench-scheduler")
+        .tempdir()?;
     let data = dir.path().join("store");
     let port = free_port()?;
     let config = dir.path().join("scheduler.toml");
@@ -150,7 +152,13 @@ pub async fn run(_config: WorkerConfig, args: Args) -> anyhow::Result<serde_json
     for _ in 0..args.workers {
         workers.push(Proc(
             Command::new(&binary)
-                .args(["worker", "--simulated-executor", "--job-ms", "0", "--templates"])
+                .args([
+                    "worker",
+                    "--simulated-executor",
+                    "--job-ms",
+                    "0",
+                    "--templates",
+                ])
                 .arg(format!("python={}", args.capacity))
                 .args(["--scheduler", &base])
                 .env("SHARDBOX_WORKER_TOKEN", WORKER_TOKEN)
@@ -215,7 +223,11 @@ pub async fn run(_config: WorkerConfig, args: Args) -> anyhow::Result<serde_json
     let (accepted, upload_time) = upload.await?;
     let accepted = accepted?;
     if accepted.accepted != args.jobs {
-        bail!("the scheduler accepted {} of {} jobs", accepted.accepted, args.jobs);
+        bail!(
+            "the scheduler accepted {} of {} jobs",
+            accepted.accepted,
+            args.jobs
+        );
     }
     let (_, peak_kib) = memory_kib(scheduler_pid);
     let store_bytes = dir_bytes(&data);
@@ -229,18 +241,21 @@ pub async fn run(_config: WorkerConfig, args: Args) -> anyhow::Result<serde_json
         json!({"skipped": true})
     };
     let ray_rate = ray["tasks_per_s"].as_f64();
-    let mut rows = vec![
-        vec![
-            format!("shardbox scheduler, {} simulated-executor workers", args.workers),
-            format!("{jobs_per_s:.0}"),
-            format!("{:.1}", peak_kib as f64 / 1024.0),
-        ],
-    ];
+    let mut rows = vec![vec![
+        format!(
+            "shardbox scheduler, {} simulated-executor workers",
+            args.workers
+        ),
+        format!("{jobs_per_s:.0}"),
+        format!("{:.1}", peak_kib as f64 / 1024.0),
+    ]];
     if let Some(rate) = ray_rate {
         rows.push(vec![
             "Ray no-op tasks (peer)".into(),
             format!("{rate:.0}"),
-            ray["peak_rss_mb"].as_f64().map_or("-".into(), |m| format!("{m:.0}")),
+            ray["peak_rss_mb"]
+                .as_f64()
+                .map_or("-".into(), |m| format!("{m:.0}")),
         ]);
     }
     table(
@@ -274,7 +289,10 @@ pub async fn run(_config: WorkerConfig, args: Args) -> anyhow::Result<serde_json
 /// private virtual environment the first time).
 fn ray_noop(tasks: u64) -> anyhow::Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/ray_noop.sh");
-    eprintln!("bench scheduler: Ray peer, {tasks} no-op tasks ({})", script.display());
+    eprintln!(
+        "bench scheduler: Ray peer, {tasks} no-op tasks ({})",
+        script.display()
+    );
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let output = Command::new("bash")
         .arg(&script)
