@@ -266,7 +266,11 @@ async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_killed_mid_upload_keeps_and_runs_every_line_it_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.path().join("scheduler.toml");
     std::fs::write(
         &config,
@@ -302,27 +306,45 @@ async fn a_scheduler_killed_mid_upload_keeps_and_runs_every_line_it_stored() {
     };
     scheduler.kill();
     let outcome = upload.await.unwrap();
-    assert!(outcome.is_err(), "the upload cannot have been acknowledged: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "the upload cannot have been acknowledged: {outcome:?}"
+    );
     scheduler = start_scheduler(&config, &log);
     wait_healthy(&client).await;
     let status = client.batch(id).await.unwrap();
     assert!(status.truncated, "{status:?}");
     assert!(status.accepted > 0 && status.accepted < lines, "{status:?}");
-    assert_eq!(status.queued, status.accepted, "every stored line is queued again");
+    assert_eq!(
+        status.queued, status.accepted,
+        "every stored line is queued again"
+    );
     let stored = status.accepted;
     let worker_log = dir.path().join("worker.log");
     let worker = start_worker(0, None, port, &worker_log);
     let mut seen = Vec::new();
     let start = Instant::now();
     while (seen.len() as u64) < stored {
-        assert!(start.elapsed() < Duration::from_secs(120), "{} of {stored}", seen.len());
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} of {stored}",
+            seen.len()
+        );
         read_results(&client, id, &mut seen, stored).await;
     }
     let mut lines_seen: Vec<u64> = seen.iter().map(|r| r["line"].as_u64().unwrap()).collect();
     lines_seen.sort_unstable();
     lines_seen.dedup();
-    assert_eq!(lines_seen.len() as u64, stored, "one result per stored line");
-    assert_eq!(*lines_seen.last().unwrap(), stored, "the stored lines are the first ones");
+    assert_eq!(
+        lines_seen.len() as u64,
+        stored,
+        "one result per stored line"
+    );
+    assert_eq!(
+        *lines_seen.last().unwrap(),
+        stored,
+        "the stored lines are the first ones"
+    );
     let status = client.batch(id).await.unwrap();
     assert_eq!(format!("{:?}", status.state), "Done", "{status:?}");
     drop(worker);

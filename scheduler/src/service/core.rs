@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::config::ServiceConfig;
 use super::queue::{Run, Taken, TemplateQueue};
-use super::store::{BatchMeta, NewResult, Op, Store, StoreError};
+use super::store::{BatchMeta, NewResult, Op, Store, StoreError, STATUS_CODES};
 
 /// One batch in memory: its record, which lines have results, and counters.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ struct BatchInner {
     done: Vec<u64>,
     /// Lines with a result.
     finished: u64,
-    statuses: [u64; Status::ALL.len()],
+    statuses: [u64; STATUS_CODES],
     templates: HashSet<String>,
 }
 
@@ -228,20 +228,13 @@ impl Scheduler {
                 id: stored.batch,
                 inner: Mutex::new(BatchInner {
                     meta: meta.clone(),
-                    done: Vec::new(),
-                    finished: 0,
-                    statuses: [0; Status::ALL.len()],
+                    done: stored.done,
+                    finished: stored.results,
+                    statuses: stored.statuses,
                     templates: HashSet::new(),
                 }),
                 results: watch::Sender::new(stored.results),
             });
-            {
-                let mut inner = batch.inner.lock();
-                for (line, status) in &stored.done {
-                    let status = Status::ALL.get(usize::from(*status)).copied();
-                    inner.claim(*line, status.unwrap_or(Status::SandboxError));
-                }
-            }
             self.batches
                 .write()
                 .insert(stored.batch, Arc::clone(&batch));
@@ -256,22 +249,28 @@ impl Scheduler {
             if batch.inner.lock().complete() {
                 continue;
             }
-            // Queue every job without a result, at the attempt it had reached.
-            let mut pending: Vec<(u64, String)> = Vec::new();
+            // Queue every job without a result, at the attempt it had reached, as runs of
+            // consecutive lines: memory follows the number of runs, not of jobs.
+            let mut runs: Vec<(u64, u64, String, u32)> = Vec::new();
             {
                 let inner = batch.inner.lock();
-                let store = self.store.clone();
-                store.scan_jobs(batch.id, |line, template| {
-                    if !inner.is_done(line) {
-                        pending.push((line, template.to_string()));
+                self.store.scan_jobs(batch.id, |line, template| {
+                    if inner.is_done(line) {
+                        return;
+                    }
+                    let attempt = stored.attempts.get(&line).map_or(1, |made| made + 1);
+                    match runs.last_mut() {
+                        Some((_, end, t, a)) if *end == line && t == template && *a == attempt => {
+                            *end += 1;
+                        }
+                        _ => runs.push((line, line + 1, template.to_string(), attempt)),
                     }
                 })?;
             }
-            requeued += pending.len() as u64;
             let now = Instant::now();
-            for (line, template) in pending {
-                let attempt = stored.attempts.get(&line).map_or(1, |made| made + 1);
-                self.queue_jobs(&batch, &meta, &template, line, line + 1, attempt, now);
+            for (start, end, template, attempt) in runs {
+                requeued += end - start;
+                self.queue_jobs(&batch, &meta, &template, start, end, attempt, now);
             }
             if meta.cancelled {
                 self.cancel(batch.id).await.map_err(|err| match err {
@@ -421,7 +420,7 @@ impl Scheduler {
                 meta: meta.clone(),
                 done: Vec::new(),
                 finished: 0,
-                statuses: [0; Status::ALL.len()],
+                statuses: [0; STATUS_CODES],
                 templates: HashSet::new(),
             }),
             results: watch::Sender::new(0),

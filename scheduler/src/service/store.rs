@@ -32,6 +32,9 @@ const ATTEMPTS: TableDefinition<(u64, u64), u32> = TableDefinition::new("attempt
 
 const NEXT_BATCH: &str = "next_batch";
 
+/// Status codes stored in `done`: indexes into `Status::ALL`.
+pub const STATUS_CODES: usize = shardbox_proto::Status::ALL.len();
+
 /// Page cache of the database.
 const STORE_CACHE_BYTES: usize = 64 << 20;
 
@@ -154,8 +157,10 @@ pub struct StoredBatch {
     pub batch: u64,
     /// Its record.
     pub meta: BatchMeta,
-    /// Lines with a result, and the status code of each.
-    pub done: Vec<(u64, u8)>,
+    /// One bit per line (bit `line`), set for lines with a result.
+    pub done: Vec<u64>,
+    /// Results by status code.
+    pub statuses: [u64; STATUS_CODES],
     /// Results stored.
     pub results: u64,
     /// Attempts made by jobs taken back from a worker, by line.
@@ -253,13 +258,23 @@ impl Store {
             let (key, value) = entry.map_err(txn_error)?;
             let batch = key.value();
             let meta: BatchMeta = serde_json::from_slice(value.value()).map_err(txn_error)?;
-            let mut done = Vec::new();
+            let mut done: Vec<u64> = Vec::new();
+            let mut statuses = [0; STATUS_CODES];
+            let mut results = 0;
             for entry in done_table
                 .range((batch, 0)..=(batch, u64::MAX))
                 .map_err(txn_error)?
             {
                 let (key, value) = entry.map_err(txn_error)?;
-                done.push((key.value().1, (value.value() & 0xff) as u8));
+                let line = key.value().1;
+                let word = (line / 64) as usize;
+                if done.len() <= word {
+                    done.resize(word + 1, 0);
+                }
+                done[word] |= 1 << (line % 64);
+                let code = (value.value() & 0xff) as usize;
+                statuses[code.min(STATUS_CODES - 1)] += 1;
+                results += 1;
             }
             let mut attempts = HashMap::new();
             for entry in attempts_table
@@ -269,11 +284,11 @@ impl Store {
                 let (key, value) = entry.map_err(txn_error)?;
                 attempts.insert(key.value().1, value.value());
             }
-            let results = done.len() as u64;
             out.push(StoredBatch {
                 batch,
                 meta,
                 done,
+                statuses,
                 results,
                 attempts,
             });
@@ -575,7 +590,9 @@ mod tests {
         let batches = store.load_batches().unwrap();
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].meta.accepted, 2);
-        assert_eq!(batches[0].done, vec![(2, 0)]);
+        assert_eq!(batches[0].done, vec![1 << 2]);
+        assert_eq!(batches[0].statuses[0], 1);
+        assert_eq!(batches[0].results, 1);
         let mut seen = Vec::new();
         store
             .scan_jobs(7, |line, t| seen.push((line, t.to_string())))
