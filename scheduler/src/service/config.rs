@@ -64,7 +64,7 @@ pub struct ServiceConfig {
     /// Longest a lease request waits for jobs, in milliseconds.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
-    /// Requests served at once before new ones are refused with a retry hint.
+    /// Batch uploads served at once; more are refused at once with a retry hint (503).
     #[serde(default = "default_max_requests")]
     pub max_requests: usize,
 }
