@@ -258,6 +258,24 @@ async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart
     let mut again = Vec::new();
     read_results(&client, id, &mut again, JOBS + 1).await;
     assert_eq!(again.len() as u64, JOBS);
+    // Prometheus metrics of the restarted scheduler, behind a token.
+    let metrics = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("shardbox_scheduler_results_total{status=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shardbox_scheduler_leased_total"),
+        "{metrics}"
+    );
     drop(workers);
     drop(scheduler);
     drop(namespaces);
