@@ -160,36 +160,69 @@ async fn read_results(client: &ApiClient, id: u64, seen: &mut Vec<serde_json::Va
     }
 }
 
+/// A scheduler process on a free port with its store in a new directory; `listen` is the
+/// address to bind (`0.0.0.0` lets workers in other network namespaces reach it) and `extra`
+/// more `[scheduler]` settings.
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    client: ApiClient,
+}
+
+impl Cluster {
+    async fn start(listen: &str, extra: &str) -> (Cluster, Proc) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.path().join("scheduler.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[scheduler]\nlisten = \"{listen}:{port}\"\ndata_dir = \"{}\"\n{extra}\n\
+                 client_tokens = [\"{CLIENT}\"]\nworker_tokens = [\"{WORKER}\"]\n",
+                dir.path().join("store").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("scheduler.log");
+        let scheduler = start_scheduler(&config, &log);
+        let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), CLIENT).unwrap();
+        wait_healthy(&client).await;
+        let cluster = Cluster {
+            dir,
+            port,
+            config,
+            log,
+            client,
+        };
+        (cluster, scheduler)
+    }
+
+    /// Kills nothing: starts the scheduler again on the same store and port.
+    async fn restart(&self) -> Proc {
+        let scheduler = start_scheduler(&self.config, &self.log);
+        wait_healthy(&self.client).await;
+        scheduler
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("scheduler.toml");
-    // Listening on every address lets workers in other network namespaces reach it.
-    std::fs::write(
-        &config,
-        format!(
-            "[scheduler]\nlisten = \"0.0.0.0:{port}\"\ndata_dir = \"{}\"\nlease_ms = 1500\n\
-             max_attempts = 5\nclient_tokens = [\"{CLIENT}\"]\nworker_tokens = [\"{WORKER}\"]\n",
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let scheduler_log = dir.path().join("scheduler.log");
-    let mut scheduler = start_scheduler(&config, &scheduler_log);
-    let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), CLIENT).unwrap();
-    wait_healthy(&client).await;
+    let (cluster, mut scheduler) =
+        Cluster::start("0.0.0.0", "lease_ms = 1500\nmax_attempts = 5").await;
+    let (dir, port, client) = (cluster.dir.path(), cluster.port, &cluster.client);
 
     let namespaces: Vec<Option<NetNs>> = (1..=3).map(NetNs::create).collect();
     let isolated = namespaces.iter().filter(|ns| ns.is_some()).count();
     eprintln!("{isolated} of 3 workers run in network namespaces of their own");
     let mut workers: Vec<Proc> = (1..=3)
         .map(|n| {
-            let log = dir.path().join(format!("worker{n}.log"));
+            let log = dir.join(format!("worker{n}.log"));
             start_worker(n, namespaces[n as usize - 1].as_ref(), port, &log)
         })
         .collect();
@@ -197,7 +230,7 @@ async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart
     let body: String = (0..JOBS)
         .map(|n| format!("{{\"id\":\"job-{n}\",\"code\":\"print({n})\"}}\n"))
         .collect();
-    let batch_file = dir.path().join("batch.jsonl");
+    let batch_file = dir.join("batch.jsonl");
     std::fs::write(&batch_file, body).unwrap();
     let accepted = client.submit_file(&batch_file, "cluster", 0).await.unwrap();
     assert_eq!(accepted.accepted, JOBS);
@@ -206,25 +239,24 @@ async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart
     let mut seen = Vec::new();
     let start = Instant::now();
     while (seen.len() as u64) < JOBS / 3 {
-        read_results(&client, id, &mut seen, JOBS / 3).await;
+        read_results(client, id, &mut seen, JOBS / 3).await;
     }
     workers[0].kill();
     eprintln!("worker 1 killed with SIGKILL after {} results", seen.len());
     while (seen.len() as u64) < JOBS / 2 {
-        read_results(&client, id, &mut seen, JOBS / 2).await;
+        read_results(client, id, &mut seen, JOBS / 2).await;
     }
     scheduler.kill();
     eprintln!("scheduler killed with SIGKILL after {} results", seen.len());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    scheduler = start_scheduler(&config, &scheduler_log);
-    wait_healthy(&client).await;
+    scheduler = cluster.restart().await;
     while (seen.len() as u64) < JOBS {
         assert!(
             start.elapsed() < Duration::from_secs(180),
             "only {} of {JOBS} results after 3 minutes",
             seen.len()
         );
-        read_results(&client, id, &mut seen, JOBS).await;
+        read_results(client, id, &mut seen, JOBS).await;
     }
     let status = client.batch(id).await.unwrap();
     assert_eq!(status.results, JOBS, "{status:?}");
@@ -256,7 +288,7 @@ async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart
     eprintln!("{retried} jobs ran more than once before their result counted");
     // The whole stream read again after the restart is the same, one line per job.
     let mut again = Vec::new();
-    read_results(&client, id, &mut again, JOBS + 1).await;
+    read_results(client, id, &mut again, JOBS + 1).await;
     assert_eq!(again.len() as u64, JOBS);
     // Prometheus metrics of the restarted scheduler, behind a token.
     let metrics = reqwest::Client::new()
@@ -283,31 +315,14 @@ async fn every_job_gets_one_result_through_a_dead_worker_and_a_scheduler_restart
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_killed_mid_upload_keeps_and_runs_every_line_it_stored() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("scheduler.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[scheduler]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlease_ms = 1500\n\
-             commit_jobs = 2000\nclient_tokens = [\"{CLIENT}\"]\nworker_tokens = [\"{WORKER}\"]\n",
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("scheduler.log");
-    let mut scheduler = start_scheduler(&config, &log);
-    let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), CLIENT).unwrap();
-    wait_healthy(&client).await;
+    let (cluster, mut scheduler) =
+        Cluster::start("127.0.0.1", "lease_ms = 1500\ncommit_jobs = 2000").await;
+    let (dir, port, client) = (cluster.dir.path(), cluster.port, &cluster.client);
     let lines = 400_000u64;
     let body: String = (0..lines)
         .map(|n| format!("{{\"id\":\"u{n}\",\"code\":\"pass\"}}\n"))
         .collect();
-    let batch_file = dir.path().join("batch.jsonl");
+    let batch_file = dir.join("batch.jsonl");
     std::fs::write(&batch_file, body).unwrap();
     let upload = {
         let client = client.clone();
@@ -328,8 +343,7 @@ async fn a_scheduler_killed_mid_upload_keeps_and_runs_every_line_it_stored() {
         outcome.is_err(),
         "the upload cannot have been acknowledged: {outcome:?}"
     );
-    scheduler = start_scheduler(&config, &log);
-    wait_healthy(&client).await;
+    scheduler = cluster.restart().await;
     let status = client.batch(id).await.unwrap();
     assert!(status.truncated, "{status:?}");
     assert!(status.accepted > 0 && status.accepted < lines, "{status:?}");
@@ -338,7 +352,7 @@ async fn a_scheduler_killed_mid_upload_keeps_and_runs_every_line_it_stored() {
         "every stored line is queued again"
     );
     let stored = status.accepted;
-    let worker_log = dir.path().join("worker.log");
+    let worker_log = dir.join("worker.log");
     let worker = start_worker(0, None, port, &worker_log);
     let mut seen = Vec::new();
     let start = Instant::now();
@@ -348,7 +362,7 @@ async fn a_scheduler_killed_mid_upload_keeps_and_runs_every_line_it_stored() {
             "{} of {stored}",
             seen.len()
         );
-        read_results(&client, id, &mut seen, stored).await;
+        read_results(client, id, &mut seen, stored).await;
     }
     let mut lines_seen: Vec<u64> = seen.iter().map(|r| r["line"].as_u64().unwrap()).collect();
     lines_seen.sort_unstable();
