@@ -447,3 +447,41 @@ async fn cancel_ends_queued_jobs_and_a_restart_keeps_everything() {
     assert_eq!(status["state"], "done");
     assert_eq!(status["results"], 1000);
 }
+
+#[tokio::test]
+async fn jobs_of_a_cancelled_batch_taken_back_from_a_silent_worker_end_cancelled() {
+    let h = Harness::start(|c| c.lease_ms = 300).await;
+    let body = format!("{{\"id\":\"x\",\"code\":1}}\n{}", batch(3, "k"));
+    let body = body.replacen("\"k0\"", "\"x\"", 1);
+    let (_, accepted) = h.submit(body, "").await;
+    assert_eq!(
+        accepted["invalid"], 2,
+        "a malformed line's id still counts: {accepted}"
+    );
+    let id = accepted["batch"].as_u64().unwrap();
+    let worker = h.register(&[("python", 8)]).await;
+    let (_, jobs) = h.lease(&worker, "python", 8, 0).await;
+    assert_eq!(jobs.len(), 2);
+    let response = h
+        .http
+        .post(format!("{}/v1/batches/{id}/cancel", h.base))
+        .bearer_auth(CLIENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    // The worker goes silent; its two jobs are not queued again but cancelled.
+    let results = tokio::time::timeout(Duration::from_secs(10), h.results(id, 0, true))
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    let cancelled: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["status"] == "cancelled")
+        .collect();
+    assert_eq!(cancelled.len(), 2, "{results:?}");
+    assert!(cancelled.iter().all(|r| r["id"] == "k1" || r["id"] == "k2"));
+    let (_, status) = h.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!(status["queued"], 0);
+    assert_eq!(status["state"], "done");
+}

@@ -722,6 +722,23 @@ impl Scheduler {
                 });
                 continue;
             }
+            if inner.meta.cancelled {
+                inner.claim(line, Status::Cancelled);
+                drop(inner);
+                let id = self
+                    .job_id(batch_id, line)
+                    .unwrap_or_else(|| format!("line-{line}"));
+                let mut result =
+                    JobResult::without_run(id, Status::Cancelled, "the batch was cancelled");
+                result.line = Some(line);
+                result.attempts = lease.attempt;
+                gave_up.entry(batch_id).or_default().push(NewResult {
+                    line,
+                    status: status_index(Status::Cancelled) as u8,
+                    json: to_json(&result),
+                });
+                continue;
+            }
             let meta = inner.meta.clone();
             drop(inner);
             let attempt = if failed {
@@ -901,7 +918,8 @@ impl Upload {
         }
         self.meta.lines += 1;
         let line = self.meta.last_line;
-        let config = &self.scheduler.config;
+        let scheduler = Arc::clone(&self.scheduler);
+        let config = &scheduler.config;
         let checked = if text.len() > config.max_line_bytes {
             Err(InvalidJob {
                 line,
@@ -919,11 +937,9 @@ impl Upload {
             }
         };
         let checked = checked.and_then(|job| {
-            // Every id read counts for duplicates, even on a line refused for another reason.
-            let first = self.hasher.hash_one(&job.id);
-            let second = self.hasher.hash_one((&job.id, 0x5eed_u32));
-            let key = (u128::from(first) << 64) | u128::from(second);
-            if !self.ids.insert(key) {
+            // The id is checked first, so it counts even if the line is refused for its
+            // template.
+            if !self.ids.insert(self.id_key(&job.id)) {
                 return Err(InvalidJob {
                     line,
                     id: Some(job.id.clone()),
@@ -949,6 +965,10 @@ impl Upload {
                 self.jobs.push((line, template, text.to_vec()));
             }
             Err(invalid) => {
+                if let Some(id) = &invalid.id {
+                    // A refused line's id is taken too: a later line reusing it is a duplicate.
+                    self.ids.insert(self.id_key(id));
+                }
                 self.meta.invalid += 1;
                 let mut result = invalid.to_result();
                 result.line = Some(line);
@@ -1069,6 +1089,13 @@ impl Upload {
         }
         self.batch.results.send_modify(|_| {});
         Ok(self.batch.id)
+    }
+
+    /// A 128-bit hash of a job id: collisions between distinct ids are out of reach.
+    fn id_key(&self, id: &str) -> u128 {
+        let first = self.hasher.hash_one(id);
+        let second = self.hasher.hash_one((id, 0x5eed_u32));
+        (u128::from(first) << 64) | u128::from(second)
     }
 
     /// Counts so far: (lines, accepted, invalid).
