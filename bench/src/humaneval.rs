@@ -124,7 +124,7 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
             "start_ms_p99": shardbox.start_ms_p99,
         },
         "host": {"per_s": host_per_s, "lanes": cores, "pass_at_1": host_passed as f64 / n as f64},
-        "ratios": [ratio("humaneval: jobs per second", "shardbox", "host python3 -c, no sandbox",
+        "ratios": [ratio("humaneval: jobs per second (higher is better)", "shardbox", "host python3 -c, no sandbox",
             ratio_value)],
         "done_s": shardbox.done_s,
         "pool_idle": shardbox.pool_idle,

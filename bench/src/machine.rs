@@ -24,6 +24,11 @@ pub async fn describe(config: &WorkerConfig) -> serde_json::Value {
                 .map(|(_, v)| v.trim().to_owned())
         })
         .unwrap_or_default();
+    // Other work on the machine skews every figure; the load at the start says how much.
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
     let runsc = tokio::process::Command::new(&config.runsc.binary)
         .arg("--version")
         .output()
@@ -44,6 +49,7 @@ pub async fn describe(config: &WorkerConfig) -> serde_json::Value {
         "cpu": cpu,
         "memory_mib": memory_mib,
         "kernel": kernel,
+        "load_average_at_start": load_average,
         "runsc": runsc,
         "platform": config.runsc.platform,
         "date": utc_timestamp(now),

@@ -162,10 +162,10 @@ async fn measure(worker: &Arc<Worker>, args: &Args) -> anyhow::Result<serde_json
         "ratio_restore_to_pool_p50": restore_p50 / pool_p50,
         "ratio_cold_to_pool_p50": cold_p50 / pool_p50,
         "ratios": [
-            ratio(&format!("{}: p50 start latency", args.template), "restore per job",
-                "warm pool", restore_p50 / pool_p50),
-            ratio(&format!("{}: p50 start latency", args.template), "cold boot per job",
-                "warm pool", cold_p50 / pool_p50),
+            ratio(&format!("{}: p50 start latency (lower is better)", args.template),
+                "warm pool", "restore per job", pool_p50 / restore_p50),
+            ratio(&format!("{}: p50 start latency (lower is better)", args.template),
+                "warm pool", "cold boot per job", pool_p50 / cold_p50),
         ],
         "samples_ms": {
             "warm pool": rounded(&pool_us.iter().map(|us| us / 1e3).collect::<Vec<_>>()),

@@ -221,7 +221,7 @@ async fn measure_template(
             ]
         })
         .collect();
-    let measure = format!("{name}: jobs per second");
+    let measure = format!("{name}: jobs per second (higher is better)");
     let ratios = vec![
         ratio(
             &measure,
