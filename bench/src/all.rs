@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use shardbox_worker::WorkerConfig;
 
-use crate::report::{round3, table};
+use crate::report::{format_ratio, round3, table};
 use crate::{html, humaneval, machine, process, start, throughput};
 
 /// Options of `bench all`.
@@ -141,9 +141,7 @@ fn print_ratios(run: &Value) {
                 text("measure"),
                 text("method"),
                 text("baseline"),
-                r["value"]
-                    .as_f64()
-                    .map_or("-".into(), |v| format!("{v:.3}")),
+                r["value"].as_f64().map_or("-".into(), format_ratio),
             ]);
         }
     }

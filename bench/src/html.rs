@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 use plotters::prelude::*;
 use serde_json::Value;
 
+use crate::report::format_ratio;
+
 const WIDTH: u32 = 820;
 const HEIGHT: u32 = 380;
 
@@ -209,17 +211,6 @@ fn machine_table(machine: &Value) -> String {
     format!("<table>{rows}</table>")
 }
 
-/// A ratio with three significant digits.
-fn format_ratio(x: f64) -> String {
-    if x >= 100.0 {
-        format!("{x:.0}")
-    } else if x >= 10.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.3}")
-    }
-}
-
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -379,6 +370,13 @@ fn bar_chart(title: &str, bars: &[(String, f64)]) -> anyhow::Result<String> {
     let lo = bars.iter().map(|b| b.1).fold(f64::INFINITY, f64::min) / 2.0;
     let hi = bars.iter().map(|b| b.1).fold(0.0, f64::max) * 3.0;
     let height = 70 + 26 * bars.len() as u32;
+    let mut groups: Vec<&str> = Vec::new();
+    for (label, _) in bars {
+        let group = label.split(':').next().unwrap_or("");
+        if !groups.contains(&group) {
+            groups.push(group);
+        }
+    }
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
@@ -398,7 +396,10 @@ fn bar_chart(title: &str, bars: &[(String, f64)]) -> anyhow::Result<String> {
         let row_height = (height as f64 - plot_top as f64 - 12.0 - 30.0) / bars.len() as f64;
         for (i, (label, value)) in bars.iter().enumerate() {
             let y = bars.len() as f64 - i as f64;
-            let color = COLORS[(label.split(':').next().map_or(0, str::len)) % COLORS.len()];
+            // One colour per group (the label's part before the colon).
+            let group = label.split(':').next().unwrap_or("");
+            let group_index = groups.iter().position(|g| *g == group).unwrap_or(0);
+            let color = COLORS[group_index % COLORS.len()];
             chart.draw_series(std::iter::once(Rectangle::new(
                 [(lo, y - 0.85), (*value, y - 0.15)],
                 color.filled(),

@@ -15,7 +15,7 @@ use shardbox_scheduler::{run_batch, RunOptions};
 use shardbox_worker::{Worker, WorkerConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::report::{only_templates, ratio, round3, table, PoolSampler};
+use crate::report::{host_python, only_templates, ratio, round3, table, PoolSampler};
 
 /// Options of the suite.
 #[derive(clap::Args, Clone)]
@@ -86,7 +86,8 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
     let shardbox = outcome?;
 
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (host_per_s, host_passed) = host_runs(&codes, cores).await?;
+    let rootfs = config.templates[&args.template].rootfs.clone();
+    let (host_per_s, host_passed) = host_runs(&rootfs, &codes, cores).await?;
 
     let n = codes.len();
     let ratio_value = shardbox.per_s / host_per_s;
@@ -185,15 +186,16 @@ async fn through_shardbox(worker: &Arc<Worker>, args: &Args) -> anyhow::Result<T
     })
 }
 
-/// Runs every program as `python3 -c CODE` on the host, `lanes` at a time, each with the
-/// batch's 10 s limit; returns programs per second and how many exited 0.
-async fn host_runs(codes: &[String], lanes: usize) -> anyhow::Result<(f64, usize)> {
+/// Runs every program as `python3 -c CODE` on the host (the template's interpreter, see
+/// [`host_python`]), `lanes` at a time, each with the batch's 10 s limit; returns programs per
+/// second and how many exited 0.
+async fn host_runs(rootfs: &Path, codes: &[String], lanes: usize) -> anyhow::Result<(f64, usize)> {
     let codes: Arc<Vec<String>> = Arc::new(codes.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
     let began = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..lanes.max(1) {
-        let (codes, next) = (Arc::clone(&codes), Arc::clone(&next));
+        let (codes, next, rootfs) = (Arc::clone(&codes), Arc::clone(&next), rootfs.to_owned());
         handles.push(tokio::spawn(async move {
             let mut passed = 0;
             loop {
@@ -201,12 +203,9 @@ async fn host_runs(codes: &[String], lanes: usize) -> anyhow::Result<(f64, usize
                 let Some(code) = codes.get(i) else {
                     return anyhow::Ok(passed);
                 };
-                let child = tokio::process::Command::new("python3")
-                    .args(["-c", code])
-                    .stdin(Stdio::null())
+                let child = host_python(&rootfs, code)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
-                    .kill_on_drop(true)
                     .status();
                 if let Ok(status) = tokio::time::timeout(Duration::from_secs(10), child).await {
                     if status?.success() {

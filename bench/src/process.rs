@@ -4,6 +4,7 @@
 //! the same code and reaps it, with nothing else, at the same concurrency as the process
 //! template's slots.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,8 @@ use shardbox_proto::{Job, Status};
 use shardbox_worker::{Worker, WorkerConfig};
 
 use crate::report::{
-    only_templates, ratio, remove_bare_cgroup_parent, table, warm_pool, BARE_CGROUP_PARENT,
+    host_python, only_templates, ratio, remove_bare_cgroup_parent, table, warm_pool,
+    BARE_CGROUP_PARENT,
 };
 
 /// Options of the suite.
@@ -64,19 +66,18 @@ async fn through_worker(worker: &Arc<Worker>, template: &str, n: usize) -> anyho
     Ok(n as f64 / began.elapsed().as_secs_f64())
 }
 
-/// Runs `n` jobs as host `python3 -c` subprocesses, `lanes` at a time; returns jobs per second.
-async fn host_subprocesses(n: usize, lanes: usize) -> anyhow::Result<f64> {
+/// Runs `n` jobs as host `python3 -c` subprocesses (the interpreter of `rootfs`, see
+/// [`host_python`]), `lanes` at a time; returns jobs per second.
+async fn host_subprocesses(rootfs: &Path, n: usize, lanes: usize) -> anyhow::Result<f64> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let began = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..lanes {
         let next = Arc::clone(&next);
+        let rootfs = rootfs.to_owned();
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                let out = tokio::process::Command::new("python3")
-                    .args(["-c", CODE])
-                    .output()
-                    .await?;
+                let out = host_python(&rootfs, CODE).output().await?;
                 anyhow::ensure!(out.status.success() && out.stdout == b"499500\n", "{out:?}");
             }
             Ok(())
@@ -182,7 +183,11 @@ async fn measure(worker: &Arc<Worker>, args: &Args) -> anyhow::Result<serde_json
     let ceiling = bare_fork_loop(worker, &args.process_template, args.jobs, slots).await?;
     let process = through_worker(worker, &args.process_template, args.jobs).await?;
     let sandbox = through_worker(worker, &args.sandbox_template, args.baseline_jobs).await?;
-    let host = host_subprocesses(args.baseline_jobs, 2).await?;
+    let rootfs = &worker.pools()[&args.process_template]
+        .template()
+        .config
+        .rootfs;
+    let host = host_subprocesses(rootfs, args.baseline_jobs, 2).await?;
 
     let row = |name: &str, rate: f64| {
         vec![

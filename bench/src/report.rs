@@ -2,6 +2,7 @@
 //! pool sizes, percentiles, ratios and the printed table.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,6 +105,32 @@ impl PoolSampler {
     }
 }
 
+/// `python3 -c CODE` on the host kernel with no sandbox, with the interpreter and packages of
+/// `rootfs` (the template's own, entered with `chroot`): the baseline then differs from the
+/// sandbox only by the sandbox, not by the interpreter (a host `python3` may be a slower shim,
+/// such as pyenv's, or lack the template's packages).
+pub fn host_python(rootfs: &Path, code: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("chroot");
+    cmd.arg(rootfs)
+        .args(["python3", "-c", code])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A ratio for people: three decimals, or three significant digits when far from 1.
+pub fn format_ratio(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else if x >= 0.01 || x == 0.0 {
+        format!("{x:.3}")
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
 /// `x` rounded to three decimals, to keep sample lists in the JSON short.
 pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
@@ -198,6 +225,14 @@ mod tests {
         assert_eq!(quantile(&xs, 0.0), 1.0);
         assert_eq!(quantile(&xs, 1.0), 5.0);
         assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn ratios_for_people() {
+        assert_eq!(format_ratio(0.000417), "4.17e-4");
+        assert_eq!(format_ratio(0.989), "0.989");
+        assert_eq!(format_ratio(29.79), "29.8");
+        assert_eq!(format_ratio(2421.0), "2421");
     }
 
     #[test]

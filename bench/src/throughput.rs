@@ -27,8 +27,8 @@ use shardbox_worker::{Worker, WorkerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::report::{
-    only_templates, quantile, ratio, remove_bare_cgroup_parent, round3, rounded, table, warm_pool,
-    PoolSampler, BARE_CGROUP_PARENT,
+    host_python, only_templates, quantile, ratio, remove_bare_cgroup_parent, round3, rounded,
+    table, warm_pool, PoolSampler, BARE_CGROUP_PARENT,
 };
 
 /// Options of the suite.
@@ -430,14 +430,9 @@ async fn host_runs(
     let rootfs = rootfs.to_owned();
     let (code, expect) = (work.code, work.expect);
     in_lanes(count, lanes, move |_| {
-        let rootfs = rootfs.clone();
+        let mut cmd = host_python(&rootfs, code);
         async move {
-            let out = tokio::process::Command::new("chroot")
-                .arg(&rootfs)
-                .args(["python3", "-c", code])
-                .stdin(Stdio::null())
-                .output()
-                .await?;
+            let out = cmd.output().await?;
             anyhow::ensure!(
                 out.status.success() && out.stdout == expect.as_bytes(),
                 "host python3 failed: {out:?}"
