@@ -2,7 +2,8 @@
 //! into a running sandbox.
 //!
 //! - *warm pool*: jobs arrive at a steady rate below the pool's refill rate and are handed to
-//!   sandboxes restored in advance.
+//!   sandboxes restored in advance; the time counts from asking the pool, so a job that finds
+//!   it empty counts its wait for a refill.
 //! - *restore per job*: each job waits for a restore of the same checkpoint (no pool).
 //! - *cold per job*: each job waits for a cold boot of the same template (`runsc run`).
 
@@ -76,8 +77,11 @@ async fn measure(worker: &Arc<Worker>, args: &Args) -> anyhow::Result<serde_json
                     ..job(i)
                 })
                 .map_err(anyhow::Error::msg)?;
+            // Taken before the pool is asked, so that waiting for an empty pool to refill counts
+            // as it does for a job.
+            let taken = Instant::now();
             let sandbox = worker.acquire(&prepared.template).await?;
-            let result = worker.run(sandbox, &prepared, Instant::now()).await;
+            let result = worker.run(sandbox, &prepared, taken).await;
             anyhow::ensure!(result.status == Status::Ok, "pool job failed: {result:?}");
             Ok(result.timing.start_us as f64)
         }));
