@@ -290,9 +290,18 @@ fn cdf_chart(title: &str, series: &[Series]) -> anyhow::Result<String> {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(50)
-            .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)?;
+            // Headroom above 1 for the legend, so that it hides no line.
+            .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.35)?;
         chart
             .configure_mesh()
+            .y_label_formatter(&|y| {
+                if *y <= 1.0 {
+                    format!("{y:.1}")
+                } else {
+                    String::new()
+                }
+            })
+            .x_labels(8)
             .x_desc("milliseconds (log scale)")
             .y_desc("fraction of jobs")
             .draw()?;
@@ -313,7 +322,7 @@ fn cdf_chart(title: &str, series: &[Series]) -> anyhow::Result<String> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()?;
@@ -331,7 +340,8 @@ fn line_chart(
 ) -> anyhow::Result<String> {
     let points = series.iter().flat_map(|s| s.points.iter());
     let x_max = points.clone().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = points.map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    // Headroom for the legend.
+    let y_max = points.map(|p| p.1).fold(1.0, f64::max) * 1.45;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();

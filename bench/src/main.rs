@@ -9,7 +9,8 @@
 //!   subprocesses and a bare fork loop inside one sandbox.
 //! - `humaneval`: the HumanEval batch end to end (jobs per second, pass@1) against host
 //!   subprocesses.
-//! - `all`: every suite, then `bench.json` and a self-contained `report.html` ([`html`]).
+//! - `all`: every suite, then `bench.json` and a self-contained `report.html` ([`html`]);
+//!   `report` draws the HTML of a saved `bench.json` again.
 //!
 //! [`report`] holds what the suites share; [`machine`] describes the machine.
 
@@ -60,6 +61,14 @@ enum Suite {
     Humaneval(humaneval::Args),
     /// Every suite, then DIR/bench.json and DIR/report.html.
     All(all::Args),
+    /// Draws the HTML report of a saved `bench.json` again.
+    Report {
+        /// The figures of a `bench all` run.
+        bench_json: PathBuf,
+        /// Where to write the report.
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +80,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Suite::Report { bench_json, out } = &cli.suite {
+        let run: serde_json::Value = serde_json::from_slice(&std::fs::read(bench_json)?)?;
+        std::fs::write(out, html::render(&run)?)?;
+        return Ok(());
+    }
     let mut config = match &cli.config {
         Some(path) => shardbox_worker::WorkerConfig::load(path)?,
         None => {
@@ -91,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Process(args) => process::run(config, args).await,
             Suite::Humaneval(args) => humaneval::run(config, args).await,
             Suite::All(args) => all::run(config, args).await,
+            Suite::Report { .. } => unreachable!("drawn above, without a worker"),
         }
     })?;
     let text = serde_json::to_string_pretty(&figures)?;
