@@ -2,7 +2,11 @@
 # Prepare a machine to build and run shardbox. Safe to run again: every step
 # checks whether it is already done and prints one line saying what it did.
 #
-#   scripts/setup.sh [--no-build]
+#   scripts/setup.sh [--no-build] [--sci]
+#
+#   --sci            also build the heavy rootfs of the benchmarks' `python-sci`
+#                    template (python3 and python3-numpy) in
+#                    $SHARDBOX_CACHE/rootfs/python-sci-bookworm
 #
 # Environment:
 #   SHARDBOX_CACHE   cache root (default /var/cache/shardbox); the default
@@ -10,13 +14,15 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 build=1
+sci=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --no-build) build=0 ;;
+        --sci) sci=1 ;;
         -h | --help)
             usage
             exit 0
@@ -35,7 +41,6 @@ repo_root=$(pwd)
 
 cache=${SHARDBOX_CACHE:-/var/cache/shardbox}
 rootfs_parent="$cache/rootfs"
-rootfs="$rootfs_parent/python-bookworm"
 
 say() { printf 'setup: %-24s %s\n' "$1" "$2"; }
 
@@ -65,7 +70,7 @@ else
     say "packages" "done (installed ${missing[*]})"
 fi
 
-# --- 2. default Python rootfs -----------------------------------------------
+# --- 2. Python rootfs (and the heavy one with --sci) -----------------------
 write_id() {
     # One line: a random id for this rootfs build, then the UTC build time.
     local uuid
@@ -81,85 +86,99 @@ has_mounts() {
         /proc/self/mountinfo
 }
 
-if [[ -f "$rootfs/.shardbox-id" ]]; then
-    say "rootfs" "skipped ($rootfs exists, id $(cut -d' ' -f1 "$rootfs/.shardbox-id"))"
-else
-    mkdir -p "$rootfs_parent"
-    # Serialise concurrent setup runs on the rootfs step.
-    exec 9>"$rootfs_parent/.python-bookworm.lock"
-    if ! flock -w 900 9; then
-        echo "setup.sh: timed out waiting for $rootfs_parent/.python-bookworm.lock" >&2
-        exit 1
-    fi
-
-    if [[ -f "$rootfs/.shardbox-id" ]]; then
-        say "rootfs" "skipped (built by a concurrent setup run)"
-    elif [[ -e "$rootfs" ]]; then
-        # A rootfs that only ever appears through the final mv is complete,
-        # so a directory without the id file was put there some other way.
-        echo "setup.sh: $rootfs exists but has no .shardbox-id; refusing to touch it." >&2
-        echo "setup.sh: remove it by hand and run setup.sh again to rebuild it." >&2
-        exit 1
+# Builds the rootfs NAME under $rootfs_parent with mmdebstrap (minbase plus the comma-separated
+# Debian packages INCLUDE), once: a finished rootfs carries its .shardbox-id and is left alone.
+build_rootfs() {
+    local name=$1 include=$2 label=$3
+    local dir="$rootfs_parent/$name"
+    # `tmp` stays global: the EXIT trap that removes it may run outside this function.
+    local stale stale_removed start log note wrap
+    if [[ -f "$dir/.shardbox-id" ]]; then
+        say "$label" "skipped ($dir exists, id $(cut -d' ' -f1 "$dir/.shardbox-id"))"
     else
-        # Leftovers of earlier runs that were killed before their mv. We hold
-        # the lock, so no other run can be using them.
-        stale_removed=0
-        for stale in "$rootfs".tmp.*; do
-            [[ -d "$stale" ]] || continue
-            if has_mounts "$stale"; then
-                umount -R "$stale" 2>/dev/null || true
+        mkdir -p "$rootfs_parent"
+        # Serialise concurrent setup runs on the rootfs step.
+        exec 9>"$rootfs_parent/.$name.lock"
+        if ! flock -w 900 9; then
+            echo "setup.sh: timed out waiting for $rootfs_parent/.$name.lock" >&2
+            exit 1
+        fi
+
+        if [[ -f "$dir/.shardbox-id" ]]; then
+            say "$label" "skipped (built by a concurrent setup run)"
+        elif [[ -e "$dir" ]]; then
+            # A rootfs that only ever appears through the final mv is complete,
+            # so a directory without the id file was put there some other way.
+            echo "setup.sh: $dir exists but has no .shardbox-id; refusing to touch it." >&2
+            echo "setup.sh: remove it by hand and run setup.sh again to rebuild it." >&2
+            exit 1
+        else
+            # Leftovers of earlier runs that were killed before their mv. We hold
+            # the lock, so no other run can be using them.
+            stale_removed=0
+            for stale in "$dir".tmp.*; do
+                [[ -d "$stale" ]] || continue
+                if has_mounts "$stale"; then
+                    umount -R "$stale" 2>/dev/null || true
+                fi
+                if has_mounts "$stale"; then
+                    echo "setup.sh: $stale still has mounts below it; clean it up by hand." >&2
+                    exit 1
+                fi
+                rm -rf --one-file-system "$stale"
+                stale_removed=$((stale_removed + 1))
+            done
+
+            tmp=$(mktemp -d "$dir.tmp.XXXXXX")
+            chmod 0755 "$tmp"
+            cleanup_tmp() {
+                if [[ -n "${tmp:-}" && -d "$tmp" ]] && ! has_mounts "$tmp"; then
+                    rm -rf --one-file-system "$tmp"
+                fi
+            }
+            trap cleanup_tmp EXIT
+            trap 'exit 130' INT
+            trap 'exit 143' TERM
+
+            # Run mmdebstrap (root mode, as root) in a private mount namespace:
+            # the /proc, /sys and /dev mounts it makes while building then vanish
+            # with it, even on SIGKILL, instead of staying behind on the host.
+            wrap=()
+            if unshare --mount --propagation private -- true 2>/dev/null; then
+                wrap=(unshare --mount --propagation private --)
             fi
-            if has_mounts "$stale"; then
-                echo "setup.sh: $stale still has mounts below it; clean it up by hand." >&2
+            log="$rootfs_parent/$name.build.log"
+            start=$SECONDS
+            if ! "${wrap[@]}" mmdebstrap --variant=minbase --include="$include" \
+                bookworm "$tmp" </dev/null >"$log" 2>&1; then
+                echo "setup.sh: mmdebstrap failed; last lines of $log:" >&2
+                tail -n 20 "$log" >&2
                 exit 1
             fi
-            rm -rf --one-file-system "$stale"
-            stale_removed=$((stale_removed + 1))
-        done
-
-        tmp=$(mktemp -d "$rootfs.tmp.XXXXXX")
-        chmod 0755 "$tmp"
-        cleanup_tmp() {
-            if [[ -n "${tmp:-}" && -d "$tmp" ]] && ! has_mounts "$tmp"; then
-                rm -rf --one-file-system "$tmp"
+            if [[ ! -x "$tmp/usr/bin/python3" ]]; then
+                echo "setup.sh: mmdebstrap finished but $tmp/usr/bin/python3 is missing" >&2
+                exit 1
             fi
-        }
-        trap cleanup_tmp EXIT
-        trap 'exit 130' INT
-        trap 'exit 143' TERM
-
-        # Run mmdebstrap (root mode, as root) in a private mount namespace:
-        # the /proc, /sys and /dev mounts it makes while building then vanish
-        # with it, even on SIGKILL, instead of staying behind on the host.
-        wrap=()
-        if unshare --mount --propagation private -- true 2>/dev/null; then
-            wrap=(unshare --mount --propagation private --)
+            # The id goes in before the mv: the final path only ever holds a
+            # finished rootfs that already carries its id.
+            write_id "$tmp"
+            mv -T "$tmp" "$dir"
+            tmp=
+            trap - EXIT INT TERM
+            note=""
+            if [[ $stale_removed -gt 0 ]]; then
+                note=", removed $stale_removed leftover temp dir(s)"
+            fi
+            say "$label" "done ($dir in $((SECONDS - start)) s, id $(cut -d' ' -f1 "$dir/.shardbox-id")$note)"
         fi
-        log="$rootfs_parent/python-bookworm.build.log"
-        start=$SECONDS
-        if ! "${wrap[@]}" mmdebstrap --variant=minbase --include=python3 \
-            bookworm "$tmp" </dev/null >"$log" 2>&1; then
-            echo "setup.sh: mmdebstrap failed; last lines of $log:" >&2
-            tail -n 20 "$log" >&2
-            exit 1
-        fi
-        if [[ ! -x "$tmp/usr/bin/python3" ]]; then
-            echo "setup.sh: mmdebstrap finished but $tmp/usr/bin/python3 is missing" >&2
-            exit 1
-        fi
-        # The id goes in before the mv: the final path only ever holds a
-        # finished rootfs that already carries its id.
-        write_id "$tmp"
-        mv -T "$tmp" "$rootfs"
-        tmp=
-        trap - EXIT INT TERM
-        note=""
-        if [[ $stale_removed -gt 0 ]]; then
-            note=", removed $stale_removed leftover temp dir(s)"
-        fi
-        say "rootfs" "done ($rootfs in $((SECONDS - start)) s, id $(cut -d' ' -f1 "$rootfs/.shardbox-id")$note)"
+        exec 9>&-
     fi
-    exec 9>&-
+}
+
+build_rootfs python-bookworm python3 rootfs
+if [[ $sci -eq 1 ]]; then
+    # The heavy template of the benchmarks (`python-sci`, configs/python-sci.toml).
+    build_rootfs python-sci-bookworm python3,python3-numpy "rootfs (sci)"
 fi
 
 # --- 3. release build -------------------------------------------------------

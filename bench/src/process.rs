@@ -4,6 +4,7 @@
 //! the same code and reaps it, with nothing else, at the same concurrency as the process
 //! template's slots.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,23 +12,26 @@ use serde_json::json;
 use shardbox_proto::{Job, Status};
 use shardbox_worker::{Worker, WorkerConfig};
 
-use crate::report::{remove_bare_cgroup_parent, table, warm_pool, BARE_CGROUP_PARENT};
+use crate::report::{
+    host_python, only_templates, ratio, remove_bare_cgroup_parent, table, warm_pool,
+    BARE_CGROUP_PARENT,
+};
 
 /// Options of the suite.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// The process-isolation template.
     #[arg(long, default_value = "python-process")]
-    process_template: String,
+    pub process_template: String,
     /// The sandbox-isolation template.
     #[arg(long, default_value = "python")]
-    sandbox_template: String,
+    pub sandbox_template: String,
     /// Jobs through process isolation (and through the bare loop).
     #[arg(long, default_value_t = 400)]
-    jobs: usize,
+    pub jobs: usize,
     /// Jobs through sandbox isolation and through host subprocesses.
     #[arg(long, default_value_t = 40)]
-    baseline_jobs: usize,
+    pub baseline_jobs: usize,
 }
 
 const CODE: &str = "print(sum(range(1000)))";
@@ -62,19 +66,18 @@ async fn through_worker(worker: &Arc<Worker>, template: &str, n: usize) -> anyho
     Ok(n as f64 / began.elapsed().as_secs_f64())
 }
 
-/// Runs `n` jobs as host `python3 -c` subprocesses, `lanes` at a time; returns jobs per second.
-async fn host_subprocesses(n: usize, lanes: usize) -> anyhow::Result<f64> {
+/// Runs `n` jobs as host `python3 -c` subprocesses (the interpreter of `rootfs`, see
+/// [`host_python`]), `lanes` at a time; returns jobs per second.
+async fn host_subprocesses(rootfs: &Path, n: usize, lanes: usize) -> anyhow::Result<f64> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let began = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..lanes {
         let next = Arc::clone(&next);
+        let rootfs = rootfs.to_owned();
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
-                let out = tokio::process::Command::new("python3")
-                    .args(["-c", CODE])
-                    .output()
-                    .await?;
+                let out = host_python(&rootfs, CODE).output().await?;
                 anyhow::ensure!(out.status.success() && out.stdout == b"499500\n", "{out:?}");
             }
             Ok(())
@@ -153,22 +156,38 @@ async fn bare_fork_loop(
 /// # Errors
 /// When the worker cannot start or a job does not come back `ok`.
 pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
+    let config = only_templates(
+        &config,
+        &[
+            args.process_template.as_str(),
+            args.sandbox_template.as_str(),
+        ],
+    )?;
     let worker = Arc::new(Worker::start(&config).await?);
-    let slots = warm_pool(&worker, &args.process_template)
+    let outcome = measure(&worker, &args).await;
+    worker.shutdown().await;
+    outcome
+}
+
+async fn measure(worker: &Arc<Worker>, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let slots = warm_pool(worker, &args.process_template)
         .await?
         .template()
         .config
         .process
         .slots;
     // Warm both levels up: a supervised sandbox bound, the sandbox pool filled.
-    through_worker(&worker, &args.process_template, slots).await?;
+    through_worker(worker, &args.process_template, slots).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let ceiling = bare_fork_loop(&worker, &args.process_template, args.jobs, slots).await?;
-    let process = through_worker(&worker, &args.process_template, args.jobs).await?;
-    let sandbox = through_worker(&worker, &args.sandbox_template, args.baseline_jobs).await?;
-    let host = host_subprocesses(args.baseline_jobs, 2).await?;
-    worker.shutdown().await;
+    let ceiling = bare_fork_loop(worker, &args.process_template, args.jobs, slots).await?;
+    let process = through_worker(worker, &args.process_template, args.jobs).await?;
+    let sandbox = through_worker(worker, &args.sandbox_template, args.baseline_jobs).await?;
+    let rootfs = &worker.pools()[&args.process_template]
+        .template()
+        .config
+        .rootfs;
+    let host = host_subprocesses(rootfs, args.baseline_jobs, 2).await?;
 
     let row = |name: &str, rate: f64| {
         vec![
@@ -197,6 +216,14 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
         "host_subprocess_per_s": host,
         "ratio_process_to_ceiling": process / ceiling,
         "ratio_process_to_sandbox": process / sandbox,
+        "ratios": [
+            ratio("python: jobs per second (higher is better)", "shardbox process isolation",
+                "in-sandbox fork loop (ceiling)", process / ceiling),
+            ratio("python: jobs per second (higher is better)", "shardbox process isolation",
+                "shardbox sandbox isolation", process / sandbox),
+            ratio("python: jobs per second (higher is better)", "shardbox process isolation",
+                "host python3 -c, no sandbox", process / host),
+        ],
         "goal": {"ratio_to_ceiling_at_least": 0.9, "ratio_to_sandbox_at_least": 10.0,
             "met": process / ceiling >= 0.9 && process / sandbox >= 10.0},
     }))

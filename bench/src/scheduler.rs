@@ -16,7 +16,7 @@ use serde_json::json;
 use shardbox_scheduler::ApiClient;
 use shardbox_worker::WorkerConfig;
 
-use crate::report::table;
+use crate::report::{ratio, table};
 
 const CLIENT_TOKEN: &str = "bench-client-token-000000";
 const WORKER_TOKEN: &str = "bench-worker-token-000000";
@@ -282,6 +282,12 @@ pub async fn run(_config: WorkerConfig, args: Args) -> anyhow::Result<serde_json
         "goal_jobs_per_s": 100_000,
         "ray": ray,
         "ratio_vs_ray": ray_rate.map(|rate| jobs_per_s / rate),
+        "ratios": ray_rate.map(|rate| vec![ratio(
+            "jobs/s end to end",
+            "shardbox scheduler, simulated executors, durable",
+            "Ray no-op tasks",
+            jobs_per_s / rate,
+        )]).unwrap_or_default(),
     }))
 }
 

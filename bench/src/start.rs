@@ -2,7 +2,8 @@
 //! into a running sandbox.
 //!
 //! - *warm pool*: jobs arrive at a steady rate below the pool's refill rate and are handed to
-//!   sandboxes restored in advance.
+//!   sandboxes restored in advance; the time counts from asking the pool, so a job that finds
+//!   it empty counts its wait for a refill.
 //! - *restore per job*: each job waits for a restore of the same checkpoint (no pool).
 //! - *cold per job*: each job waits for a cold boot of the same template (`runsc run`).
 
@@ -14,23 +15,23 @@ use shardbox_proto::{Job, Status};
 use shardbox_worker::sandbox::FillMethod;
 use shardbox_worker::{Slot, Worker, WorkerConfig};
 
-use crate::report::{quantile, table, warm_pool};
+use crate::report::{only_templates, quantile, ratio, rounded, table, warm_pool, PoolSampler};
 
 /// Options of the suite.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Template to measure.
     #[arg(long, default_value = "python")]
-    template: String,
+    pub template: String,
     /// Jobs through the warm pool.
     #[arg(long, default_value_t = 100)]
-    pool_jobs: usize,
+    pub pool_jobs: usize,
     /// Arrival rate of pool jobs, per second (keep it below the refill rate).
     #[arg(long, default_value_t = 2.0)]
-    rate: f64,
+    pub rate: f64,
     /// Jobs for each of the per-job baselines.
     #[arg(long, default_value_t = 10)]
-    baseline_jobs: usize,
+    pub baseline_jobs: usize,
 }
 
 fn job(i: usize) -> Job {
@@ -46,8 +47,20 @@ fn job(i: usize) -> Job {
 /// # Errors
 /// When the worker cannot start or a job does not come back `ok`.
 pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json::Value> {
+    let config = only_templates(&config, &[args.template.as_str()])?;
     let worker = Arc::new(Worker::start(&config).await?);
-    let pool = warm_pool(&worker, &args.template).await?;
+    let outcome = measure(&worker, &args).await;
+    worker.shutdown().await;
+    outcome
+}
+
+async fn measure(worker: &Arc<Worker>, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let pool = warm_pool(worker, &args.template).await?;
+    let sampler = PoolSampler::start(
+        worker,
+        &[args.template.as_str()],
+        Duration::from_millis(100),
+    );
 
     let mut pool_us = Vec::new();
     let period = Duration::from_secs_f64(1.0 / args.rate);
@@ -55,7 +68,7 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
     let began = tokio::time::Instant::now();
     for i in 0..args.pool_jobs {
         tokio::time::sleep_until(began + period * i as u32).await;
-        let worker = Arc::clone(&worker);
+        let worker = Arc::clone(worker);
         let template = args.template.clone();
         tasks.push(tokio::spawn(async move {
             let prepared = worker
@@ -64,8 +77,11 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
                     ..job(i)
                 })
                 .map_err(anyhow::Error::msg)?;
+            // Taken before the pool is asked, so that waiting for an empty pool to refill counts
+            // as it does for a job.
+            let taken = Instant::now();
             let sandbox = worker.acquire(&prepared.template).await?;
-            let result = worker.run(sandbox, &prepared, Instant::now()).await;
+            let result = worker.run(sandbox, &prepared, taken).await;
             anyhow::ensure!(result.status == Status::Ok, "pool job failed: {result:?}");
             Ok(result.timing.start_us as f64)
         }));
@@ -73,9 +89,10 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
     for task in tasks {
         pool_us.push(task.await??);
     }
+    let pool_idle = sampler.finish().await;
 
     let per_job = |method: FillMethod| {
-        let worker = Arc::clone(&worker);
+        let worker = Arc::clone(worker);
         let pool = Arc::clone(&pool);
         let template = args.template.clone();
         let n = args.baseline_jobs;
@@ -104,7 +121,6 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
     };
     let restore_us = per_job(FillMethod::Restore).await?;
     let cold_us = per_job(FillMethod::Cold).await?;
-    worker.shutdown().await;
 
     let stats = |xs: &[f64]| (quantile(xs, 0.5), quantile(xs, 0.99));
     let (pool_p50, pool_p99) = stats(&pool_us);
@@ -149,6 +165,18 @@ pub async fn run(config: WorkerConfig, args: Args) -> anyhow::Result<serde_json:
         "cold_per_job": {"jobs": cold_us.len(), "p50_ms": cold_p50 / 1e3, "p99_ms": cold_p99 / 1e3},
         "ratio_restore_to_pool_p50": restore_p50 / pool_p50,
         "ratio_cold_to_pool_p50": cold_p50 / pool_p50,
+        "ratios": [
+            ratio(&format!("{}: p50 start latency (lower is better)", args.template),
+                "warm pool", "restore per job", pool_p50 / restore_p50),
+            ratio(&format!("{}: p50 start latency (lower is better)", args.template),
+                "warm pool", "cold boot per job", pool_p50 / cold_p50),
+        ],
+        "samples_ms": {
+            "warm pool": rounded(&pool_us.iter().map(|us| us / 1e3).collect::<Vec<_>>()),
+            "restore per job": rounded(&restore_us.iter().map(|us| us / 1e3).collect::<Vec<_>>()),
+            "cold boot per job": rounded(&cold_us.iter().map(|us| us / 1e3).collect::<Vec<_>>()),
+        },
+        "pool_idle": pool_idle,
         "goal": {"pool_p50_ms_at_most": 2.0, "pool_p99_ms_at_most": 10.0,
             "met": pool_p50 <= 2000.0 && pool_p99 <= 10_000.0},
     }))
