@@ -136,6 +136,10 @@ pub struct FinishedJob {
     pub batch: u64,
     /// Its 1-based line in the batch.
     pub line: u64,
+    /// The result's status, repeated here so the scheduler need not read the whole result;
+    /// read from `result` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<crate::Status>,
     /// Its result (a [`crate::JobResult`]).
     pub result: Box<RawValue>,
 }

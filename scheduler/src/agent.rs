@@ -463,6 +463,7 @@ fn finished(batch: u64, line: u64, result: &JobResult) -> FinishedJob {
     FinishedJob {
         batch,
         line,
+        status: Some(result.status),
         result: RawValue::from_string(text).expect("a serialized result is valid JSON"),
     }
 }

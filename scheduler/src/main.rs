@@ -29,6 +29,10 @@ use shardbox_worker::{Worker, WorkerConfig};
 use tokio::io::{AsyncBufRead, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
+/// The scheduler service allocates per job (lines, leases, results); mimalloc keeps that cheap.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const AFTER_HELP: &str = "\
 Exit codes: 0 every batch line got a result (whatever the jobs' statuses), or a worker stopped \
 on SIGINT/SIGTERM; 2 bad usage or configuration (a missing or refused token too); 3 shardbox \

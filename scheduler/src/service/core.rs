@@ -619,8 +619,12 @@ impl Scheduler {
                 continue;
             };
             let raw = job.result.get();
-            let (status, json) = match serde_json::from_str::<StatusOnly>(raw) {
-                Ok(parsed) => (parsed.status, raw.as_bytes().to_vec()),
+            let status = match job.status {
+                Some(status) => Ok(status),
+                None => serde_json::from_str::<StatusOnly>(raw).map(|parsed| parsed.status),
+            };
+            let (status, json) = match status {
+                Ok(status) => (status, raw.as_bytes().to_vec()),
                 Err(err) => {
                     let id = self.job_id(job.batch, job.line);
                     let mut result = JobResult::without_run(
