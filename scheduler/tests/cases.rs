@@ -850,6 +850,10 @@ fn sleepers(prefix: &str) -> (Vec<String>, Vec<u8>) {
     (ids, batch("python-process", &jobs))
 }
 
+/// The most containers an F12 worker holds: the 2 sandboxes its batch may bind, 2 idle in the
+/// pool and 1 being restored.
+const MOST_CONTAINERS: usize = 5;
+
 /// Writes the F12 worker configuration into `dir` and returns its path.
 fn f12_worker_config(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
@@ -919,6 +923,7 @@ async fn f12_a_worker_killed_mid_job_leaves_no_sandbox_after_its_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let results = follow(&client, id, ids.len(), restarted, Duration::from_secs(120)).await;
+    let bound = runsc_list(&state);
     let status = client.batch(id).await;
     let stopped = second.stop(Duration::from_secs(60)).await;
     let left = wait_clean(&state, Duration::from_secs(10)).await;
@@ -952,6 +957,10 @@ async fn f12_a_worker_killed_mid_job_leaves_no_sandbox_after_its_restart() {
         "runsc lists only the new worker's containers: {containers:?}"
     );
     assert!(old_cgroups.is_empty(), "{old_cgroups:?}");
+    assert!(
+        bound.len() <= MOST_CONTAINERS,
+        "16 jobs of one batch bind 2 sandboxes, not one each: {bound:?}"
+    );
     let results = by_id(&results, &ids);
     for (id, result) in &results {
         assert_eq!(result["status"], "ok", "{id}: {result}");
@@ -1016,6 +1025,7 @@ async fn f12_a_scheduler_killed_mid_job_gets_every_result_after_its_restart() {
     let healthy = wait_healthy(&base, Duration::from_secs(20)).await;
     let back_in = killed.elapsed();
     let results = follow(&client, id, ids.len(), killed, Duration::from_secs(120)).await;
+    let containers = runsc_list(&state);
     let worker_alive = worker.running();
     let status = client.batch(id).await;
     let stopped = worker.stop(Duration::from_secs(60)).await;
@@ -1039,6 +1049,10 @@ async fn f12_a_scheduler_killed_mid_job_gets_every_result_after_its_restart() {
     assert!(
         worker_alive,
         "the worker outlived the scheduler: {worker_log}"
+    );
+    assert!(
+        containers.len() <= MOST_CONTAINERS,
+        "16 jobs of one batch bind 2 sandboxes, not one each: {containers:?}"
     );
     let results = by_id(&results, &ids);
     for (id, result) in &results {
