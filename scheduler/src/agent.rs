@@ -10,7 +10,8 @@
 //! A template with `capacity` n never has more than n jobs in hand: the loop asks for
 //! `n - in_flight` jobs, so jobs are pulled as sandboxes free up. Results are kept in memory
 //! until the scheduler has taken them (re-sending is safe: the scheduler counts duplicates
-//! once). A graceful stop ([`StopLevel::Drain`]) leases nothing more, lets the jobs in hand
+//! once); a job leased again while it is in hand (a restarted scheduler queued it again) is not
+//! run twice: its first run's result ends both leases. A graceful stop ([`StopLevel::Drain`]) leases nothing more, lets the jobs in hand
 //! finish, sends their results, leaves (`DELETE /v1/workers/{id}`) and shuts the executor down;
 //! [`StopLevel::Abort`] also gives up the running jobs (leaving hands them back to the queue)
 //! and results the scheduler cannot take.
@@ -19,7 +20,7 @@
 //! [`SimulatedExecutor`] runs nothing and answers `ok` after a fixed delay, for benchmarks and
 //! tests of the scheduler alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,6 +133,10 @@ struct Session {
     registrations: AtomicU64,
     /// Held while registering, so that one stale id leads to one new registration.
     registering: tokio::sync::Mutex<()>,
+    /// Jobs (batch, line) running here or whose result the scheduler has not taken yet. A
+    /// scheduler that restarted queues them again and may lease them back to this worker: they
+    /// are not run twice.
+    in_hand: Mutex<HashSet<(u64, u64)>>,
 }
 
 impl Session {
@@ -209,6 +214,7 @@ pub async fn run_agent<E: Executor>(
         heartbeat_ms: AtomicU64::new(1_000),
         registrations: AtomicU64::new(0),
         registering: tokio::sync::Mutex::new(()),
+        in_hand: Mutex::new(HashSet::new()),
     });
     let mut report = AgentReport::default();
     match session.register(None).await {
@@ -372,6 +378,15 @@ impl<E: Executor> LeaseLoop<E> {
     /// Starts a task running `job`; its result goes to the uploader. A job beyond what was
     /// asked for (a scheduler's mistake) still runs: a leased job is never dropped.
     fn start(&mut self, job: LeasedJob) {
+        if !self.session.in_hand.lock().insert((job.batch, job.line)) {
+            // Its first run's result, on its way, also ends this lease.
+            tracing::debug!(
+                batch = job.batch,
+                line = job.line,
+                "leased again while in hand (the scheduler restarted); not running it twice"
+            );
+            return;
+        }
         self.leased += 1;
         *self.in_flight.entry(job.template.clone()).or_default() += 1;
         let running = Running {
@@ -409,6 +424,10 @@ impl<E: Executor> LeaseLoop<E> {
         if let Some(err) = failure {
             if err.is_cancelled() {
                 // An abort: leaving hands the job back to the queue.
+                self.session
+                    .in_hand
+                    .lock()
+                    .remove(&(running.batch, running.line));
                 return;
             }
             tracing::error!(job_id = %running.id, batch = running.batch, line = running.line,
@@ -518,7 +537,11 @@ async fn upload(session: Arc<Session>, mut rx: mpsc::UnboundedReceiver<FinishedJ
                 backoff.reset();
                 tracing::debug!(worker = %id, sent = count, recorded = accepted.recorded,
                     duplicates = accepted.duplicates, unknown = accepted.unknown, "results sent");
-                pending.drain(..count);
+                let mut in_hand = session.in_hand.lock();
+                for job in pending.drain(..count) {
+                    in_hand.remove(&(job.batch, job.line));
+                }
+                drop(in_hand);
                 sent += count as u64;
             }
             Err(err)

@@ -242,7 +242,27 @@ impl ProcessSlot {
 #[derive(Debug, Default)]
 pub struct Domains {
     bound: Mutex<HashMap<String, Vec<Arc<Supervised>>>>,
+    /// Fresh sandboxes being taken from the pool, by domain. They count against
+    /// `sandboxes_per_domain`, so that a burst of jobs binds that many sandboxes, not one per
+    /// job. Locked after `bound`, never before.
+    binding: Mutex<HashMap<String, usize>>,
     freed: tokio::sync::Notify,
+}
+
+/// One fresh sandbox being bound to a domain; dropped (bound, failed or given up), it is no
+/// longer counted and the jobs waiting look for a slot again.
+struct Binding<'a> {
+    domains: &'a Domains,
+    domain: &'a str,
+}
+
+impl Drop for Binding<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.domains.binding.lock().get_mut(self.domain) {
+            *n = n.saturating_sub(1);
+        }
+        self.domains.freed.notify_waiters();
+    }
 }
 
 impl Domains {
@@ -298,8 +318,19 @@ impl Domains {
                     }
                     keep
                 });
-                list.iter().filter(|s| s.usable()).count() >= config.sandboxes_per_domain
+                let usable = list.iter().filter(|s| s.usable()).count();
+                let mut binding = self.binding.lock();
+                let pending = binding.entry(domain.to_owned()).or_default();
+                let full = usable + *pending >= config.sandboxes_per_domain;
+                if !full {
+                    *pending += 1;
+                }
+                full
             };
+            let _binding = (!full).then_some(Binding {
+                domains: self,
+                domain,
+            });
             for sandbox in retired {
                 sandbox.teardown().await;
             }

@@ -166,7 +166,10 @@ impl BuildContext {
 
     fn next_sandbox_id(&self, template: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{template}-{n}", self.id_prefix)
+        // runsc takes any unique prefix of a container id for the id, and refuses an id that
+        // is also the prefix of another (`-1` while `-10` exists is "ambiguous"): a fixed-width
+        // counter keeps the ids of one worker from being prefixes of each other.
+        format!("{}-{template}-{n:09}", self.id_prefix)
     }
 
     /// Where the entry script lives on the host.
