@@ -2,7 +2,8 @@
 //!
 //! Two real `shardbox run` batches on the `python` template: a calibration batch of trivial
 //! jobs, which is bound by how fast this machine restores sandboxes, and a validation batch of
-//! jobs that sleep for different times, where both restores and job durations matter. The
+//! jobs that sleep for different times, where both restores and job durations matter (which of
+//! the two bounds the run depends on how busy the machine is). The
 //! restore rate is the one at which the model reproduces the calibration run's wall time; the
 //! validation run is then predicted by `shardbox plan` for a one-node fleet with this machine's
 //! pool settings, that restore rate and the durations of the validation run's own results. The
@@ -144,9 +145,10 @@ fn the_plan_predicts_a_real_run_within_ten_percent() {
         "calibration: {calibration_jobs} jobs in {cal_wall:.2} s: {restore_per_s:.2} restores/s"
     );
 
-    // Validation: sleeps of 0.2 to 1.8 s, so that job durations and restores both matter.
-    let jobs = 100;
-    let sleeps = [0.2, 0.6, 1.0, 1.4, 1.8];
+    // Validation: sleeps of 0.5 to 3.5 s (2 s on average, so four at once need 2 fresh
+    // sandboxes a second): job durations and restores both matter.
+    let jobs = 80;
+    let sleeps = [0.5, 1.5, 2.5, 3.5];
     let (wall, results) = run_real(dir.path(), "validate", jobs, |i| {
         format!("import time\ntime.sleep({})\n", sleeps[i % sleeps.len()])
     });
