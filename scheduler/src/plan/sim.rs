@@ -282,11 +282,13 @@ impl Sim<'_> {
         self.taken.clear();
         self.queue.take(free as usize, &mut self.taken);
         let node = &mut self.nodes[index as usize];
+        // Short of what it asked for, the node asks again at once, as the agent does, and
+        // waits on the queue (the long poll) until more jobs arrive.
+        if self.taken.len() < free as usize && self.queued < self.workload.jobs {
+            node.waiting = true;
+            self.waiting.push_back(index);
+        }
         if self.taken.is_empty() {
-            if self.queued < self.workload.jobs || !self.queue.is_empty() {
-                node.waiting = true;
-                self.waiting.push_back(index);
-            }
             return;
         }
         let taken = self.now + self.spec.lease_us;
