@@ -1,6 +1,6 @@
 //! The discrete-event simulation behind `shardbox plan`.
 //!
-//! A virtual clock in microseconds jumps from one event to the next (a binary heap of timed
+//! A virtual clock in microseconds jumps from one event to the next (a radix heap of timed
 //! events), so a simulated hour costs only the work of its events. Jobs are queued in the real
 //! [`TemplateQueue`] (shards, priorities, fair share between batches), stamped with simulated
 //! time. Simulated nodes lease like `shardbox worker`: up to their free capacity at once, and a
@@ -13,8 +13,7 @@
 //! too) and the sandbox is destroyed after. With process isolation a node runs `slots` jobs at
 //! once, each paying the handoff.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -36,7 +35,7 @@ const SHARDS: usize = 4;
 /// Highest value the histograms tell apart, in microseconds (a week).
 const MAX_US: u64 = 7 * 24 * 3_600_000_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Event {
     /// Queue the jobs that have arrived by now.
     Arrival,
@@ -46,6 +45,93 @@ enum Event {
     Restored(u32),
     /// A job on the node has ended.
     Done(u32),
+}
+
+impl Event {
+    /// The event packed below its time in a heap key: the kind in bits 32..34, the node below.
+    /// Events at the same time run in the order of kind, then node (deterministic, as the
+    /// heap's order depends only on its keys).
+    fn pack(self) -> u64 {
+        match self {
+            Event::Arrival => 0,
+            Event::Leased(node) => 1 << 32 | u64::from(node),
+            Event::Restored(node) => 2 << 32 | u64::from(node),
+            Event::Done(node) => 3 << 32 | u64::from(node),
+        }
+    }
+
+    fn unpack(key: u64) -> Event {
+        let node = key as u32;
+        match key >> 32 {
+            0 => Event::Arrival,
+            1 => Event::Leased(node),
+            2 => Event::Restored(node),
+            _ => Event::Done(node),
+        }
+    }
+}
+
+/// A heap key: the time in the high 64 bits, the packed event below.
+fn key(at: u64, event: Event) -> u128 {
+    u128::from(at) << 64 | u128::from(event.pack())
+}
+
+/// A radix heap: a priority queue for keys that never go below the last one popped, as the
+/// times of a simulation's events. Keys sit in buckets by the highest bit in which they differ
+/// from the last key popped; a pop empties the lowest non-empty bucket into lower ones. Each
+/// key moves at most once per bit, so a million pending events cost far less than in a binary
+/// heap, whose pops wander the whole of it.
+#[derive(Debug)]
+struct RadixHeap {
+    buckets: Vec<Vec<u128>>,
+    last: u128,
+    len: usize,
+}
+
+impl RadixHeap {
+    fn new() -> Self {
+        RadixHeap {
+            buckets: (0..=128).map(|_| Vec::new()).collect(),
+            last: 0,
+            len: 0,
+        }
+    }
+
+    fn bucket(&self, key: u128) -> usize {
+        (128 - (key ^ self.last).leading_zeros()) as usize
+    }
+
+    fn push(&mut self, key: u128) {
+        debug_assert!(key >= self.last, "an event in the past");
+        let b = self.bucket(key);
+        self.buckets[b].push(key);
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<u128> {
+        if self.len == 0 {
+            return None;
+        }
+        if self.buckets[0].is_empty() {
+            let i = (1..self.buckets.len())
+                .find(|i| !self.buckets[*i].is_empty())
+                .expect("a non-empty bucket");
+            let keys = std::mem::take(&mut self.buckets[i]);
+            self.last = *keys.iter().min().expect("non-empty");
+            for key in &keys {
+                let b = self.bucket(*key);
+                self.buckets[b].push(*key);
+            }
+            // Keep the bucket's allocation for later.
+            let mut keys = keys;
+            keys.clear();
+            if self.buckets[i].is_empty() {
+                self.buckets[i] = keys;
+            }
+        }
+        self.len -= 1;
+        self.buckets[0].pop()
+    }
 }
 
 /// A job a node has leased and not yet started.
@@ -129,8 +215,10 @@ struct Sim<'a> {
     workload: &'a Workload,
     durations: Durations,
     now: u64,
-    seq: u64,
-    heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    heap: RadixHeap,
+    /// Events due now (no delay), run in order before the heap's; so that the heap only ever
+    /// gets keys after the last one it gave.
+    immediate: VecDeque<Event>,
     queue: TemplateQueue<u64>,
     nodes: Vec<Node>,
     /// Nodes with free capacity that found the queue empty, in the order they asked.
@@ -162,8 +250,8 @@ pub fn simulate(spec: &NodeSpec, nodes: u32, workload: &Workload, durations: Dur
         workload,
         durations,
         now: 0,
-        seq: 0,
-        heap: BinaryHeap::new(),
+        heap: RadixHeap::new(),
+        immediate: VecDeque::new(),
         queue: TemplateQueue::new(SHARDS),
         nodes: (0..nodes).map(|_| Node::default()).collect(),
         waiting: VecDeque::new(),
@@ -183,8 +271,15 @@ pub fn simulate(spec: &NodeSpec, nodes: u32, workload: &Workload, durations: Dur
         start_us: histogram(),
     };
     sim.start();
-    while let Some(Reverse((at, _, event))) = sim.heap.pop() {
-        sim.now = at;
+    loop {
+        let event = if let Some(event) = sim.immediate.pop_front() {
+            event
+        } else if let Some(key) = sim.heap.pop() {
+            sim.now = (key >> 64) as u64;
+            Event::unpack(key as u64)
+        } else {
+            break;
+        };
         sim.events += 1;
         match event {
             Event::Arrival => sim.arrive(),
@@ -198,8 +293,11 @@ pub fn simulate(spec: &NodeSpec, nodes: u32, workload: &Workload, durations: Dur
 
 impl Sim<'_> {
     fn at(&mut self, delay: u64, event: Event) {
-        self.seq += 1;
-        self.heap.push(Reverse((self.now + delay, self.seq, event)));
+        if delay == 0 {
+            self.immediate.push_back(event);
+        } else {
+            self.heap.push(key(self.now + delay, event));
+        }
     }
 
     fn start(&mut self) {
@@ -433,6 +531,61 @@ impl Sim<'_> {
             restores: self.restores,
             events: self.events,
             sim_wall_s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn the_radix_heap_pops_in_order_like_a_sorted_list() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut heap = RadixHeap::new();
+        let mut reference: Vec<u128> = Vec::new();
+        let mut now = 0u128;
+        let mut popped = Vec::new();
+        let mut expected = Vec::new();
+        for _ in 0..20_000 {
+            // Pushes at or after the last pop, some at the same key, some far ahead.
+            for _ in 0..rng.random_range(0..3) {
+                let ahead = match rng.random_range(0..4) {
+                    0 => 0,
+                    1 => rng.random_range(0..16),
+                    _ => rng.random_range(0..1u128 << 70),
+                };
+                heap.push(now + ahead);
+                reference.push(now + ahead);
+            }
+            if let Some(key) = heap.pop() {
+                reference.sort_unstable_by(|a, b| b.cmp(a));
+                expected.push(reference.pop().unwrap());
+                popped.push(key);
+                now = key;
+            }
+        }
+        while let Some(key) = heap.pop() {
+            popped.push(key);
+        }
+        reference.sort_unstable_by(|a, b| b.cmp(a));
+        while let Some(key) = reference.pop() {
+            expected.push(key);
+        }
+        assert_eq!(popped, expected);
+    }
+
+    #[test]
+    fn events_pack_and_unpack() {
+        for event in [
+            Event::Arrival,
+            Event::Leased(7),
+            Event::Restored(u32::MAX),
+            Event::Done(0),
+        ] {
+            assert_eq!(Event::unpack(key(42, event) as u64), event);
+            assert_eq!((key(42, event) >> 64) as u64, 42);
         }
     }
 }
