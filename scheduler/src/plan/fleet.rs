@@ -56,7 +56,9 @@ pub struct NodeSpec {
     /// otherwise, like a worker that has just started).
     #[serde(default = "default_true")]
     pub warm_at_start: bool,
-    /// Cost of handing a job to a ready sandbox or slot, in microseconds.
+    /// Cost of handing a job to a ready sandbox or slot, in microseconds: about a millisecond
+    /// for a restored sandbox here; for process isolation the fork of the job's process (tens
+    /// of milliseconds under gVisor's ptrace platform).
     #[serde(default = "default_handoff_us")]
     pub handoff_us: u64,
     /// Process isolation: jobs a node runs at once.
