@@ -13,6 +13,8 @@
 //! - [`summary`]: [`Summary`], counts per status, throughput, start latency, pass@1.
 //! - [`progress`]: the progress bar on stderr.
 //! - [`exit`]: the process exit codes of the `shardbox` binary.
+//! - [`plan`]: `shardbox plan`, capacity planning: the real queue driven by simulated nodes
+//!   under a virtual clock.
 //! - [`service`]: `shardbox scheduler`, the scheduler as an HTTP service over a durable store,
 //!   serving remote workers with leases.
 //!
@@ -24,6 +26,7 @@ pub mod backend;
 pub mod batch;
 pub mod client;
 pub mod exit;
+pub mod plan;
 pub mod progress;
 pub mod run;
 pub mod service;

@@ -60,6 +60,33 @@ enum Command {
     Version(VersionArgs),
     /// Serve the scheduler's HTTP API: durable batches, leases to remote workers, results.
     Scheduler(SchedulerArgs),
+    /// Capacity planning: simulate a fleet of nodes under a virtual clock (runs no code) and
+    /// report jobs per hour, queue wait, start latency and utilisation; with --size, find the
+    /// smallest fleet meeting the file's target.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    /// The fleet: simulated nodes, workload and target (TOML), such as
+    /// configs/fleet-example.toml.
+    #[arg(long, value_name = "FILE")]
+    fleet: PathBuf,
+    /// Simulate this many nodes instead of the file's `nodes.count`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: Option<u32>,
+    /// Simulate this many jobs instead of the file's `workload.jobs`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    jobs: Option<u64>,
+    /// Find the smallest node count meeting the file's `[target]`, doubling then bisecting.
+    #[arg(long)]
+    size: bool,
+    /// With --size: give up above this many nodes.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, requires = "size")]
+    max_nodes: u32,
+    /// Print JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -213,6 +240,7 @@ fn main() -> ExitCode {
             Command::Worker(args) => worker(args).await,
             Command::Version(args) => version(args).await,
             Command::Scheduler(args) => scheduler(args).await,
+            Command::Plan(args) => plan(args),
         }
     });
     match outcome {
@@ -404,6 +432,78 @@ fn watch_signals(stop: Stop, progress: Progress) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// `shardbox plan`: one simulated fleet, or a search for the smallest one meeting the target.
+fn plan(args: PlanArgs) -> Result<u8, Failure> {
+    use shardbox_scheduler::plan;
+    let mut fleet = plan::Fleet::load(&args.fleet).or_exit(exit::USAGE)?;
+    if let Some(jobs) = args.jobs {
+        fleet.workload.jobs = jobs;
+    }
+    let nodes = args.nodes.unwrap_or(fleet.nodes.count);
+    if !args.size {
+        let outcome = plan::plan(&fleet, nodes).or_exit(exit::USAGE)?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&outcome).expect("serializes")
+            );
+        } else {
+            print!("{}", plan::Table(&outcome));
+            if let Some(target) = &fleet.target {
+                let missed = plan::misses(target, &outcome);
+                if missed.is_empty() {
+                    println!("target               met");
+                } else {
+                    println!("target               missed: {}", missed.join("; "));
+                }
+            }
+        }
+        return Ok(exit::OK);
+    }
+    let Some(target) = fleet.target.clone() else {
+        return Err(Failure {
+            code: exit::USAGE,
+            error: anyhow::anyhow!(
+                "--size needs a [target] in fleet file {}",
+                args.fleet.display()
+            ),
+        });
+    };
+    let sizing = plan::size(&fleet, &target, args.max_nodes).or_exit(exit::USAGE)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&sizing).expect("serializes")
+        );
+        return Ok(exit::OK);
+    }
+    for tried in &sizing.tried {
+        println!(
+            "tried {:>8} nodes: {:>14.0} jobs/h, p99 start {} us, p99 queue {} ms: {}",
+            tried.nodes,
+            tried.jobs_per_hour,
+            tried.start_us_p99,
+            tried.queue_ms_p99,
+            if tried.missed.is_empty() {
+                "meets the target".to_owned()
+            } else {
+                tried.missed.join("; ")
+            }
+        );
+    }
+    match (sizing.nodes, &sizing.outcome) {
+        (Some(nodes), Some(outcome)) => {
+            println!("smallest fleet meeting the target: {nodes} nodes");
+            print!("{}", plan::Table(outcome));
+        }
+        _ => println!(
+            "no fleet of up to {} nodes meets the target",
+            args.max_nodes
+        ),
+    }
+    Ok(exit::OK)
 }
 
 /// `shardbox scheduler`: serves until SIGINT or SIGTERM, then lets open requests finish.

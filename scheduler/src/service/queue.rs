@@ -5,6 +5,9 @@
 //! attempt. Batches are spread over the shards by id; a lease looks at the highest priority
 //! present in any shard and takes from the batches of that priority in turn, a fair share each,
 //! so a small batch is never stuck behind a large one of the same priority.
+//!
+//! The time a run was queued at is a type parameter: the service uses tokio's [`Instant`], the
+//! capacity planner (`crate::plan`) its simulated clock in microseconds.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, VecDeque};
@@ -14,9 +17,9 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Consecutive lines of one batch, all queued at the same attempt since the same moment.
+/// Consecutive lines of one batch, all queued at the same attempt since the same moment `T`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Run {
+pub struct Run<T = Instant> {
     /// First line of the run.
     pub start: u64,
     /// One past the last line.
@@ -24,10 +27,10 @@ pub struct Run {
     /// The attempt the jobs will make when leased, from 1.
     pub attempt: u32,
     /// When the jobs were queued.
-    pub since: Instant,
+    pub since: T,
 }
 
-impl Run {
+impl<T> Run<T> {
     fn len(&self) -> u64 {
         self.end - self.start
     }
@@ -35,7 +38,7 @@ impl Run {
 
 /// A job taken from a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Taken {
+pub struct Taken<T = Instant> {
     /// Its batch.
     pub batch: u64,
     /// Its line.
@@ -43,26 +46,35 @@ pub struct Taken {
     /// The attempt it makes now.
     pub attempt: u32,
     /// When it was queued.
-    pub since: Instant,
+    pub since: T,
 }
 
 /// Sort key of a batch in a shard: higher priority first, then older batches.
 type BatchKey = (Reverse<i32>, u64);
 
-#[derive(Debug, Default)]
-struct Shard {
-    batches: BTreeMap<BatchKey, VecDeque<Run>>,
+#[derive(Debug)]
+struct Shard<T> {
+    batches: BTreeMap<BatchKey, VecDeque<Run<T>>>,
     /// Where the last lease stopped among the batches of the top priority.
     cursor: Option<BatchKey>,
+}
+
+impl<T> Default for Shard<T> {
+    fn default() -> Self {
+        Shard {
+            batches: BTreeMap::new(),
+            cursor: None,
+        }
+    }
 }
 
 /// Marks an empty shard in [`TemplateQueue`]'s priority cache.
 const EMPTY: i64 = i64::MIN;
 
-/// The queue of one template.
+/// The queue of one template, its runs stamped with times of type `T`.
 #[derive(Debug)]
-pub struct TemplateQueue {
-    shards: Vec<Mutex<Shard>>,
+pub struct TemplateQueue<T = Instant> {
+    shards: Vec<Mutex<Shard<T>>>,
     /// Highest priority queued in each shard, or [`EMPTY`].
     top: Vec<AtomicI64>,
     /// Batches of that priority in each shard, for sharing a lease between shards.
@@ -73,7 +85,7 @@ pub struct TemplateQueue {
     pub queued: Notify,
 }
 
-impl TemplateQueue {
+impl<T: Copy> TemplateQueue<T> {
     /// An empty queue of `shards` shards (at least one).
     pub fn new(shards: usize) -> Self {
         let shards = shards.max(1);
@@ -91,7 +103,7 @@ impl TemplateQueue {
     }
 
     /// Queues lines `start..end` of `batch` at `attempt`.
-    pub fn push(&self, batch: u64, priority: i32, run: Run) {
+    pub fn push(&self, batch: u64, priority: i32, run: Run<T>) {
         if run.start >= run.end {
             return;
         }
@@ -109,7 +121,7 @@ impl TemplateQueue {
         self.queued.notify_waiters();
     }
 
-    fn refresh_top(&self, index: usize, shard: &Shard) {
+    fn refresh_top(&self, index: usize, shard: &Shard<T>) {
         let top = shard
             .batches
             .keys()
@@ -126,7 +138,7 @@ impl TemplateQueue {
 
     /// Takes up to `want` jobs: from the highest priority queued, a fair share of each batch of
     /// that priority in turn.
-    pub fn take(&self, want: usize, out: &mut Vec<Taken>) {
+    pub fn take(&self, want: usize, out: &mut Vec<Taken<T>>) {
         let mut left = want;
         while left > 0 {
             let best = self.top.iter().map(|t| t.load(Ordering::Relaxed)).max();
@@ -204,7 +216,12 @@ impl TemplateQueue {
 
 /// Takes up to `want` jobs from the batches of priority `best` in one shard, round robin from
 /// the shard's cursor, and returns how many it took.
-fn take_from_shard(shard: &mut Shard, best: i64, want: usize, out: &mut Vec<Taken>) -> usize {
+fn take_from_shard<T: Copy>(
+    shard: &mut Shard<T>,
+    best: i64,
+    want: usize,
+    out: &mut Vec<Taken<T>>,
+) -> usize {
     let keys: Vec<BatchKey> = shard
         .batches
         .keys()
