@@ -250,7 +250,9 @@ pub struct Domains {
 }
 
 /// One fresh sandbox being bound to a domain; dropped (bound, failed or given up), it is no
-/// longer counted and the jobs waiting look for a slot again.
+/// longer counted. It wakes no one when dropped: waking every claimer each time one of them
+/// looped made them wake each other without end. A sandbox bound (its other slots are free) or
+/// a failed start wakes the waiters explicitly.
 struct Binding<'a> {
     domains: &'a Domains,
     domain: &'a str,
@@ -261,7 +263,6 @@ impl Drop for Binding<'_> {
         if let Some(n) = self.domains.binding.lock().get_mut(self.domain) {
             *n = n.saturating_sub(1);
         }
-        self.domains.freed.notify_waiters();
     }
 }
 
@@ -342,9 +343,24 @@ impl Domains {
             // Every bound sandbox is busy: bind a fresh one, or take the first slot freed.
             tokio::select! {
                 fresh = pool.acquire() => {
-                    let sandbox = Supervised::new(fresh?, config);
+                    let fresh = match fresh {
+                        Ok(fresh) => fresh,
+                        Err(err) => {
+                            drop(_binding);
+                            self.freed.notify_waiters();
+                            return Err(err);
+                        }
+                    };
+                    let sandbox = Supervised::new(fresh, config);
                     sandbox.active.store(1, Ordering::SeqCst);
-                    self.bound.lock().entry(domain.to_owned()).or_default().push(Arc::clone(&sandbox));
+                    self.bound
+                        .lock()
+                        .entry(domain.to_owned())
+                        .or_default()
+                        .push(Arc::clone(&sandbox));
+                    // Its other slots are free: wake the jobs waiting on a full domain.
+                    drop(_binding);
+                    self.freed.notify_waiters();
                     return Ok(ProcessSlot { sandbox, domains: Arc::clone(self) });
                 }
                 _ = freed => {}
