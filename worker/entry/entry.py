@@ -173,6 +173,23 @@ def main():
 # 0700 work directory, with pipes for stdin, stdout and stderr that only the supervisor holds.
 # The job never sees the control channel: every other descriptor is closed before its code runs.
 # At the end every process of its user id is killed and its files are removed.
+#
+# The supervisor does not fork jobs itself. Before it serves, it forks a few zygotes: copies of
+# the warm interpreter whose only work is to fork. For each job the supervisor sends a zygote a
+# short message over a socket, `<seq> <uid>` with the job's three pipe ends attached; the zygote
+# forks the job's process and answers `pid <seq> <pid>`, and when it reaps it, `exit <pid>
+# <status> <cpu_us>`. The job's process first reads its envelope from its own stdin (a 10-digit
+# length, a newline, the JSON), then the rest of that stdin is the job's. Why: after a fork,
+# every page that the parent or the child writes while both still share it is copied at a page
+# fault, and faults are dear under gVisor. The supervisor's event loop writes many pages per job
+# and now shares them with no child; a zygote's loop writes few.
+#
+# A job's processes are counted and ended through a pids cgroup of its own, in gVisor's own
+# cgroup filesystem (the sandbox's kernel, not the host's), mounted by the supervisor under a
+# directory only root may enter: the kernel refuses the job's forks past its `pids` limit, and
+# the cgroup lists every process the job started, wherever it moved. gVisor does not enforce
+# RLIMIT_NPROC, so where that mount fails the supervisor falls back to counting the processes of
+# the job's user id in /proc and killing the job past its limit.
 
 def write_all(data):
     """Writes all of `data` to stdout: a write to a pipe may take only part of it."""
@@ -183,172 +200,57 @@ def write_all(data):
 
 MEMORY_EXIT = 213  # the child's exit status when its code ran out of memory
 FIRST_UID = 20000
+ENVELOPE_HEADER = 11  # b"%010d\n": the length of the envelope on the job's stdin
+PIDS_ROOT = "/tmp/.shardbox/pids"  # the pids cgroup hierarchy; /tmp/.shardbox is root's, 0700
 
 
-def supervise():
-    import base64
+def mount_pids_cgroup():
+    """Mounts gVisor's pids cgroup controller at PIDS_ROOT; says whether it can be used."""
+    import ctypes
+
+    try:
+        os.mkdir(os.path.dirname(PIDS_ROOT), 0o700)
+        os.mkdir(PIDS_ROOT, 0o700)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"none", PIDS_ROOT.encode(), b"cgroup", 0, b"pids") != 0:
+            err = ctypes.get_errno()
+            sys.stderr.write("shardbox: no pids cgroup: %s\n" % os.strerror(err))
+            return False
+        return os.path.exists(PIDS_ROOT + "/cgroup.procs")
+    except OSError as err:
+        sys.stderr.write("shardbox: no pids cgroup: %s\n" % err)
+        return False
+
+
+def job_child(seq, uid, cgroup, pipes):
+    """The job's process, just forked from a zygote: becomes the job and never returns. It
+    joins `cgroup` (a path, or b"-" for none) while it is still root."""
     import resource
-    import selectors
-    import shutil
     import signal
-    import time
 
-    # Every fork copies this interpreter; objects the collector never visits again are pages it
-    # never touches again, so neither parent nor child pays to copy them (measured: about a
-    # fifth more jobs per second).
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    os.write(1, b'{"shardbox":"ready"}\n')
-    sel = selectors.DefaultSelector()
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    sel.register(wake_r, selectors.EVENT_READ, "signal")
-    # The control channel is read by a thread of its own with plain blocking reads, and handed
-    # on through a pipe inside the sandbox: after a restore, gVisor stops reporting readiness of
-    # the host-backed stdin to epoll after the first few reads (seen with runsc 20221219).
-    ctl_r, ctl_w = os.pipe()
-
-    def pump_control():
-        while True:
-            chunk = os.read(0, 1 << 20)
-            if not chunk:
-                os.close(ctl_w)
-                return
-            os.write(ctl_w, chunk)
-
-    import threading
-
-    threading.Thread(target=pump_control, daemon=True).start()
-    sel.register(ctl_r, selectors.EVENT_READ, "control")
-    control = bytearray()
-    jobs = {}  # pid -> job state
-    by_fd = {}  # pipe fd -> job state
-    free_uids = []
-    next_uid = [FIRST_UID]
-
-    def take_uid():
-        if free_uids:
-            return free_uids.pop()
-        next_uid[0] += 1
-        return next_uid[0]
-
-    def processes_of(uid):
-        found = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                if os.stat("/proc/" + name).st_uid != uid:
-                    continue
-                with open("/proc/%s/stat" % name) as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        continue
-            except OSError:
-                continue
-            found.append(int(name))
-        return found
-
-    def kill_uid(uid, group=None):
-        """Kills every process of `uid`: first its job's process group in one call (a fork
-        bomb's children stay in it), then whatever a scan of /proc still finds, through a
-        helper forked as that user that signals all it may (kill -1), until none is left."""
-        if group is not None:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except OSError:
-                pass
-        for _ in range(20):
-            if not processes_of(uid):
-                return
-            helper = os.fork()
-            if helper == 0:
-                try:
-                    os.setgid(uid)
-                    os.setuid(uid)
-                    os.kill(-1, signal.SIGKILL)
-                finally:
-                    os._exit(0)
-            os.waitpid(helper, 0)
-
-    def start(seq, env):
-        uid = take_uid()
-        workdir = "/work/j%d" % seq
-        os.mkdir(workdir, 0o700)
-        os.chown(workdir, uid, uid)
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 126
-            try:
-                child(env, uid, workdir, in_r, out_w, err_w)
-            except SystemExit as done:
-                if done.code is None:
-                    code = 0
-                elif isinstance(done.code, int):
-                    code = done.code & 0xFF
-                else:
-                    sys.stderr.write("%s\n" % (done.code,))
-                    code = 1
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except BaseException:
-                        pass
-                os._exit(code)
-        for fd in (in_r, out_w, err_w):
-            os.close(fd)
-        job = {
-            "seq": seq, "pid": pid, "uid": uid, "workdir": workdir,
-            "stdin": env.get("stdin", "").encode(), "in": in_w,
-            "cap": int(env.get("max_output_bytes", 1 << 20)),
-            "out": bytearray(), "err": bytearray(), "out_n": 0, "err_n": 0,
-            "open": {out_r: "out", err_r: "err"}, "status": None, "rusage": None,
-            "began": time.monotonic(),
-            "deadline": time.monotonic() + int(env.get("timeout_ms", 30000)) / 1000.0,
-            "timed_out": False,
-            "pids": int(env.get("pids", 256)),
-            "too_many": False,
-        }
-        jobs[pid] = job
-        for fd in (in_w, out_r, err_r):
-            os.set_blocking(fd, False)
-            by_fd[fd] = job
-        sel.register(out_r, selectors.EVENT_READ, "output")
-        sel.register(err_r, selectors.EVENT_READ, "output")
-        if job["stdin"]:
-            sel.register(in_w, selectors.EVENT_WRITE, "input")
-        else:
-            os.close(in_w)
-            del by_fd[in_w]
-
-    def child(env, uid, workdir, in_r, out_w, err_w):
+    code = 126
+    try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
-        os.dup2(in_r, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
+        for target, fd in enumerate(pipes):
+            os.dup2(fd, target)
         for name in os.listdir("/proc/self/fd"):
             if int(name) > 2:
                 try:
                     os.close(int(name))
                 except OSError:
                     pass
+        if cgroup != b"-":
+            fd = os.open(cgroup + b"/cgroup.procs", os.O_WRONLY)
+            os.write(fd, b"%d" % os.getpid())
+            os.close(fd)
+        env = json.loads(read_exact(int(read_exact(ENVELOPE_HEADER))))
         memory = int(env.get("memory_mb", 512)) << 20
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         pids = int(env.get("pids", 256))
         resource.setrlimit(resource.RLIMIT_NPROC, (pids, pids))
+        workdir = "/work/j%d" % seq
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
@@ -369,6 +271,279 @@ def supervise():
                 sys.stderr.write("shardbox: cannot execute %r: %s\n" % (argv[0], err))
                 os._exit(127)
         run_python(env.get("code", ""), MEMORY_EXIT)
+    except SystemExit as done:
+        if done.code is None:
+            code = 0
+        elif isinstance(done.code, int):
+            code = done.code & 0xFF
+        else:
+            sys.stderr.write("%s\n" % (done.code,))
+            code = 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(code)
+
+
+def zygote(sock):
+    """A zygote's loop: fork a job for each job message, kill one on a kill message, reap them
+    and report their ends. It never returns; it ends when the supervisor's end of `sock`
+    closes. Only the zygote, the job's parent, kills by pid: until it reaps the job's process,
+    that pid (and the process group the job leads) cannot be another process's."""
+    import select
+    import signal
+    import socket
+
+    # Nothing of the supervisor's but the socket and stderr: not the control channel.
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in (0, 1, 2, sock.fileno()):
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    children = {}  # pid -> seq, until reaped
+    while True:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+                continue
+            msg, pipes, _, _ = socket.recv_fds(sock, 64, 3)
+            if not msg:
+                os._exit(0)
+            words = msg.split()
+            if words[0] == b"kill":
+                for pid, seq in children.items():
+                    if seq == words[1]:
+                        for kill in (os.kill, os.killpg):
+                            try:
+                                kill(pid, signal.SIGKILL)
+                            except OSError:
+                                pass
+                continue
+            seq, uid, cgroup = words
+            pid = os.fork()
+            if pid == 0:
+                job_child(int(seq), int(uid), cgroup, pipes)
+            for fd in pipes:
+                os.close(fd)
+            children[pid] = seq
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            seq = children.pop(pid, None)
+            if seq is not None:
+                cpu_us = int((usage.ru_utime + usage.ru_stime) * 1e6)
+                sock.send(b"exit %s %d %d" % (seq, status, cpu_us))
+
+
+def supervise():
+    import base64
+    import gc
+    import selectors
+    import shutil
+    import signal
+    import socket
+    import time
+
+    # Objects the collector never visits again are pages it never writes again, so neither a
+    # zygote nor its children pay to copy them (measured: about a fifth more jobs per second).
+    gc.collect()
+    gc.freeze()
+    zygotes = []
+    for _ in range(max(1, min(4, os.cpu_count() or 1))):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            zygote(theirs)
+        theirs.close()
+        zygotes.append({"sock": ours, "pid": pid, "jobs": 0})
+    os.write(1, b'{"shardbox":"ready"}\n')
+    sel = selectors.DefaultSelector()
+    for z in zygotes:
+        sel.register(z["sock"], selectors.EVENT_READ, z)
+    # The control channel is read by a thread of its own with plain blocking reads, and handed
+    # on through a pipe inside the sandbox: after a restore, gVisor stops reporting readiness of
+    # the host-backed stdin to epoll after the first few reads (seen with runsc 20221219).
+    ctl_r, ctl_w = os.pipe()
+
+    def pump_control():
+        while True:
+            chunk = os.read(0, 1 << 20)
+            if not chunk:
+                os.close(ctl_w)
+                return
+            os.write(ctl_w, chunk)
+
+    import threading
+
+    threading.Thread(target=pump_control, daemon=True).start()
+    sel.register(ctl_r, selectors.EVENT_READ, "control")
+    control = bytearray()
+    jobs = {}  # seq -> job state
+    by_fd = {}  # pipe fd -> job state
+    free_uids = []
+    next_uid = [FIRST_UID]
+
+    def take_uid():
+        if free_uids:
+            return free_uids.pop()
+        next_uid[0] += 1
+        return next_uid[0]
+
+    pids_cgroup = []  # [whether the job cgroups work], once the first job starts
+    stale = []  # ended jobs with processes still dying: their user ids are not reused yet
+
+    def processes_of(job):
+        """The job's live processes: its cgroup's members, or else its user's in /proc."""
+        if job["cgroup"]:
+            try:
+                with open(job["cgroup"] + "/cgroup.procs") as f:
+                    return [int(p) for p in f.read().split()]
+            except OSError:
+                return []
+        uid = job["uid"]
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                if os.stat("/proc/" + name).st_uid != uid:
+                    continue
+                with open("/proc/%s/stat" % name) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        continue
+            except OSError:
+                continue
+            found.append(int(name))
+        return found
+
+    def kill_job(job):
+        """Kills every process of the job: its own process and process group, through its
+        zygote while it runs (a fork bomb's children stay in the group); then, while its cgroup
+        or a scan of /proc still finds any, all that its user may signal (kill -1), through a
+        helper forked as that user. Says whether none is left."""
+        if job["status"] is None:
+            # Its end comes back from the zygote; the watch below kills again until it does.
+            # What escaped its group is killed after its end (no helper fork under load here).
+            job["zygote"]["sock"].send(b"kill %d" % job["seq"])
+            return False
+        for _ in range(20):
+            if not processes_of(job):
+                return True
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    os.setgid(job["uid"])
+                    os.setuid(job["uid"])
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(helper, 0)
+        return not processes_of(job)
+
+    def release(job):
+        """Gives the job's user id back once none of its processes is left, and removes its
+        cgroup; else keeps it for a later try."""
+        if not kill_job(job):
+            return False
+        if job["cgroup"]:
+            try:
+                os.rmdir(job["cgroup"])
+            except OSError:
+                return False
+        free_uids.append(job["uid"])
+        return True
+
+    def start(seq, env):
+        uid = take_uid()
+        workdir = "/work/j%d" % seq
+        os.mkdir(workdir, 0o700)
+        os.chown(workdir, uid, uid)
+        if not pids_cgroup:
+            pids_cgroup.append(mount_pids_cgroup())
+        cgroup = None
+        if pids_cgroup[0]:
+            cgroup = PIDS_ROOT + "/j%d" % seq
+            os.mkdir(cgroup)
+            with open(cgroup + "/pids.max", "w") as f:
+                f.write(str(int(env.get("pids", 256))))
+        stdin = env.pop("stdin", "").encode()
+        body = json.dumps(env).encode()
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        z = min(zygotes, key=lambda z: z["jobs"])
+        try:
+            message = b"%d %d %s" % (seq, uid, (cgroup or "-").encode())
+            socket.send_fds(z["sock"], [message], [in_r, out_w, err_w])
+        except OSError:
+            os._exit(124)  # a zygote gone: as below, the sandbox cannot serve
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        z["jobs"] += 1
+        job = {
+            "seq": seq, "uid": uid, "workdir": workdir, "zygote": z,
+            "cgroup": cgroup,
+            "stdin": b"%010d\n" % len(body) + body + stdin, "in": in_w,
+            "cap": int(env.get("max_output_bytes", 1 << 20)),
+            "out": bytearray(), "err": bytearray(), "out_n": 0, "err_n": 0,
+            "open": {out_r: "out", err_r: "err"}, "status": None, "cpu_us": 0,
+            "began": time.monotonic(),
+            "deadline": time.monotonic() + int(env.get("timeout_ms", 30000)) / 1000.0,
+            "timed_out": False,
+            "pids": int(env.get("pids", 256)),
+            "too_many": False,
+            "full_since": None,
+        }
+        jobs[seq] = job
+        for fd in (in_w, out_r, err_r):
+            os.set_blocking(fd, False)
+            by_fd[fd] = job
+        sel.register(out_r, selectors.EVENT_READ, ("output", job))
+        sel.register(err_r, selectors.EVENT_READ, ("output", job))
+        sel.register(in_w, selectors.EVENT_WRITE, ("input", job))
+
+    def from_zygote(z):
+        msg = z["sock"].recv(64)
+        if not msg:
+            # A zygote never ends while the supervisor lives; without it jobs cannot start.
+            os._exit(124)
+        _, seq, status, cpu_us = msg.split()
+        job = jobs.get(int(seq))
+        if job is None:
+            return
+        z["jobs"] -= 1
+        job["status"], job["cpu_us"] = int(status), int(cpu_us)
+        if job["open"]:
+            # Descendants that still hold the job's pipes end with it.
+            kill_job(job)
+        maybe_finish(job)
 
     def pump_input(fd):
         job = by_fd[fd]
@@ -384,7 +559,8 @@ def supervise():
 
     def close_input(job):
         fd = job["in"]
-        if fd in by_fd:
+        # By identity: once closed, the number may already be another job's pipe.
+        if by_fd.get(fd) is job:
             try:
                 sel.unregister(fd)
             except (KeyError, ValueError):
@@ -413,28 +589,12 @@ def supervise():
         if room > 0:
             job[which] += chunk[:room]
 
-    def reap():
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            job = jobs.get(pid)
-            if job is None:
-                continue
-            job["status"], job["rusage"] = status, usage
-            if job["open"]:
-                # Descendants that still hold the job's pipes end with it.
-                kill_uid(job["uid"], job["pid"])
-            maybe_finish(job)
-
     def maybe_finish(job):
         if job["status"] is None or job["open"]:
             return
         close_input(job)
-        kill_uid(job["uid"], job["pid"])
+        if not release(job):
+            stale.append(job)
         shutil.rmtree(job["workdir"], ignore_errors=True)
         for name in os.listdir("/tmp"):
             path = "/tmp/" + name
@@ -446,10 +606,8 @@ def supervise():
                         os.unlink(path)
             except OSError:
                 pass
-        del jobs[job["pid"]]
-        free_uids.append(job["uid"])
+        del jobs[job["seq"]]
         status = job["status"]
-        usage = job["rusage"]
         report = {
             "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
             "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
@@ -461,7 +619,7 @@ def supervise():
             "stdout_bytes": job["out_n"],
             "stderr_bytes": job["err_n"],
             "run_us": int((time.monotonic() - job["began"]) * 1e6),
-            "cpu_us": int((usage.ru_utime + usage.ru_stime) * 1e6),
+            "cpu_us": job["cpu_us"],
         }
         body = json.dumps(report).encode()
         write_all(b"done %d %d\n" % (job["seq"], len(body)) + body)
@@ -503,29 +661,56 @@ def supervise():
                 counts[uid] = counts.get(uid, 0) + 1
         return counts
 
-    # gVisor does not hold a user to RLIMIT_NPROC, so the supervisor counts each job's
-    # processes itself, every WATCH seconds while jobs run, and ends a job that has too many.
+    # Every WATCH seconds while jobs run, or ended jobs' processes are still dying: a job past
+    # its deadline, or past its process limit, is killed again at each check until its zygote
+    # reports its end, since at the first its process may not have been forked yet; an ended
+    # job's leftovers are killed again until none is left, and only then is its user id given
+    # to another job. Past its process limit means, with job cgroups, held at the limit for
+    # FULL seconds (a fork bomb: under the ptrace platform each fork the kernel refuses still
+    # costs the host, and host threads pile up while it goes on), and without them, more
+    # processes of its user in /proc than the limit.
     WATCH = 0.05
+    FULL = 1.0
+
+    def at_limit(job):
+        try:
+            with open(job["cgroup"] + "/pids.current") as f:
+                return int(f.read()) >= job["pids"]
+        except (OSError, ValueError):
+            return False
     watched = 0.0
     while True:
         now = time.monotonic()
         timeout = None
-        if jobs and now - watched >= WATCH:
+        if (jobs or stale) and now - watched >= WATCH:
             watched = now
-            counts = count_by_uid()
+            stale[:] = [job for job in stale if not release(job)]
+            counting = jobs and not pids_cgroup[0]
+            counts = count_by_uid() if counting else {}
             for job in jobs.values():
-                if job["status"] is None and counts.get(job["uid"], 0) > job["pids"]:
+                if job["status"] is not None:
+                    continue
+                if job["cgroup"]:
+                    if not at_limit(job):
+                        job["full_since"] = None
+                    elif job["full_since"] is None:
+                        job["full_since"] = now
+                    elif now - job["full_since"] >= FULL:
+                        job["too_many"] = True
+                elif counts.get(job["uid"], 0) > job["pids"]:
                     job["too_many"] = True
-                    kill_uid(job["uid"], job["pid"])
-        if jobs:
+                if now >= job["deadline"]:
+                    job["timed_out"] = True
+                if job["too_many"] or job["timed_out"]:
+                    kill_job(job)
+        if jobs or stale:
             timeout = WATCH
         for job in jobs.values():
-            if job["status"] is None:
-                if now >= job["deadline"] and not job["timed_out"]:
+            if job["status"] is None and not job["timed_out"]:
+                if now >= job["deadline"]:
                     job["timed_out"] = True
-                    kill_uid(job["uid"], job["pid"])
-                left = max(0.0, job["deadline"] - now)
-                timeout = left if timeout is None else min(timeout, left)
+                    kill_job(job)
+                timeout = min(timeout, max(0.0, job["deadline"] - now))
         events = sel.select(timeout if timeout is None else timeout + 0.001)
         for key, _ in events:
             if key.data == "control":
@@ -534,16 +719,18 @@ def supervise():
                     os._exit(0)
                 control.extend(chunk)
                 control_frames()
-            elif key.data == "signal":
-                try:
-                    os.read(wake_r, 4096)
-                except BlockingIOError:
-                    pass
-            elif key.data == "input":
-                pump_input(key.fd)
+            elif isinstance(key.data, tuple):
+                # An event may name a pipe that an earlier event of the same
+                # batch closed, or whose number a new job has since reused.
+                kind, job = key.data
+                if by_fd.get(key.fd) is not job:
+                    continue
+                if kind == "input":
+                    pump_input(key.fd)
+                else:
+                    pump_output(key.fd)
             else:
-                pump_output(key.fd)
-        reap()
+                from_zygote(key.data)
 
 
 main()

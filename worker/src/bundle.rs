@@ -79,6 +79,10 @@ impl BundleSpec {
             .build()?;
         let mut process = process;
         if self.supervisor {
+            // The supervisor gives each job its user id, directory and signals, and mounts
+            // gVisor's own pids cgroup controller (SysAdmin: the sandbox's kernel, not the
+            // host's) to hold each job to its process limit. Jobs drop them all when they take
+            // their user id.
             let caps: Capabilities = [
                 Capability::Chown,
                 Capability::DacOverride,
@@ -86,6 +90,7 @@ impl BundleSpec {
                 Capability::Kill,
                 Capability::Setuid,
                 Capability::Setgid,
+                Capability::SysAdmin,
             ]
             .into_iter()
             .collect();

@@ -166,9 +166,11 @@ impl TemplateConfig {
     pub fn sandbox_pids(&self) -> u64 {
         match self.isolation {
             Isolation::Sandbox => self.limits.pids,
-            // Under the ptrace platform every process of the sandbox costs host tasks too.
-            // The supervisor checks each job's count only every 50 ms: room for overshoot.
-            Isolation::Process => self.limits.pids * self.process.slots as u64 * 4 + 512,
+            // Inside, a pids cgroup per job holds each job to `pids`. Under the ptrace platform
+            // each process inside is backed by host threads, about 7 measured at rest, and a
+            // fork bomb held at its limit adds about 220 a second until it is ended (a second
+            // at the limit): room for both.
+            Isolation::Process => self.limits.pids * self.process.slots as u64 * 8 + 1024,
         }
     }
 }

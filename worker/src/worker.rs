@@ -372,7 +372,7 @@ impl Worker {
         };
         let error = report.too_many_processes.then(|| {
             let pids = self.pools[&job.template].template().config.limits.pids;
-            format!("killed for running more than {pids} processes")
+            format!("killed for holding its limit of {pids} processes")
         });
         JobResult {
             id: job.job.id.clone(),
