@@ -80,6 +80,11 @@ fn concurrent_jobs_cannot_see_or_disturb_each_other() {
          \x20   except OSError: pass\n\
          try: os.write(3, b'done 1 2\\n{}'); found.append('control channel')\n\
          except OSError: pass\n\
+         caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')]\n\
+         if caps[0].split()[1].strip('0'): found.append('capabilities')\n\
+         for path in ('/tmp/.shardbox', '/tmp/.shardbox/pids'):\n\
+         \x20   try: os.listdir(path); found.append(path)\n\
+         \x20   except OSError: pass\n\
          print(len(others), sorted(set(found)))\n",
         10_000,
     );
@@ -147,4 +152,28 @@ fn a_sandbox_is_recycled_after_a_job_runs_out_of_memory() {
         first, next,
         "the sandbox that ran out of memory was not reused"
     );
+}
+
+#[test]
+fn the_kernel_refuses_forks_past_the_pids_limit() {
+    // The template's `pids` limit (64) is a pids cgroup of the job's own inside gVisor: forks
+    // past it fail with EAGAIN at once, however fast they come, and the job goes on.
+    let code = "import os, time\n\
+                kids = []\n\
+                while len(kids) < 200:\n\
+                \x20   try: pid = os.fork()\n\
+                \x20   except OSError as err: print('refused', len(kids), err.errno); break\n\
+                \x20   if pid == 0: time.sleep(30); os._exit(0)\n\
+                \x20   kids.append(pid)\n\
+                print('done')\n";
+    let ran = run(h(), py_limited("pids", code, 20_000));
+    assert_eq!(ran.result.status, Status::Ok, "{:?}", ran.result);
+    let fields: Vec<&str> = ran.result.stdout.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"refused"), "{:?}", ran.result);
+    let forked: usize = fields[1].parse().unwrap();
+    assert!((50..64).contains(&forked), "{forked} forks allowed under a limit of 64");
+    assert_eq!(fields[2], libc::EAGAIN.to_string());
+    // The sleeping children outlive the job's own process; they end with it.
+    assert_cleaned(&ran);
+    assert_serves(h());
 }

@@ -208,16 +208,9 @@ fn fork_bomb_ends_by_its_deadline() {
         "{:?}",
         ran.result
     );
-    if TEMPLATE == "python" {
-        assert_within_deadline(&ran, 3000);
-    } else {
-        // gVisor does not enforce RLIMIT_NPROC; the supervisor counts each job's processes
-        // every 50 ms and kills the job's group past its limit, which takes longer under load
-        // (a known gap, in the README).
-        let error = ran.result.error.as_deref().unwrap_or_default();
-        assert!(error.contains("processes") || ran.result.status == Status::Timeout, "{error}");
-        assert!(ran.wall < Duration::from_secs(30), "took {:?}", ran.wall);
-    }
+    // Sandbox isolation: the host's pids cgroup refuses the forks; process isolation: the job's
+    // pids cgroup inside gVisor does. Either way the bomb runs to its deadline, no further.
+    assert_within_deadline(&ran, 3000);
     assert_cleaned(&ran);
     assert_serves(h());
 }
