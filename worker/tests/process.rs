@@ -171,7 +171,10 @@ fn the_kernel_refuses_forks_past_the_pids_limit() {
     let fields: Vec<&str> = ran.result.stdout.split_whitespace().collect();
     assert_eq!(fields.first(), Some(&"refused"), "{:?}", ran.result);
     let forked: usize = fields[1].parse().unwrap();
-    assert!((50..64).contains(&forked), "{forked} forks allowed under a limit of 64");
+    assert!(
+        (50..64).contains(&forked),
+        "{forked} forks allowed under a limit of 64"
+    );
     assert_eq!(fields[2], libc::EAGAIN.to_string());
     // The sleeping children outlive the job's own process; they end with it.
     assert_cleaned(&ran);
