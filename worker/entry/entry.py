@@ -16,9 +16,9 @@ when the job's process ends; the child warms up and serves the frames.
 With a third argument `process`, the entry is instead a supervisor serving many jobs, each as a
 child process forked from the warm interpreter (see `supervise` below).
 
-In the default mode, after a job frame the sandbox belongs to that job: its stdout, stderr and exit status are the
-job's, observed by the worker outside the sandbox. Frames are read straight from file
-descriptor 0, unbuffered, so no byte of the job's stdin is consumed here.
+In the default mode, after a job frame the sandbox belongs to that job: its stdout, stderr and
+exit status are the job's, observed by the worker outside the sandbox. Frames are read straight
+from file descriptor 0, unbuffered, so no byte of the job's stdin is consumed here.
 """
 
 import os
@@ -146,11 +146,9 @@ def run_python(code, memory_exit=None):
     sys.exit(0)
 
 
-def main():
-    if MODE == "process":
-        supervise()
-    envelope = next_job()
-    prepare(envelope)
+def run_job(envelope, memory_exit=None):
+    """Runs the envelope's `argv` in place of this process, or its Python `code`; never
+    returns."""
     if "argv" in envelope:
         argv = envelope["argv"]
         try:
@@ -158,7 +156,15 @@ def main():
         except OSError as err:
             sys.stderr.write("shardbox: cannot execute %r: %s\n" % (argv[0], err))
             sys.exit(127)
-    run_python(envelope.get("code", ""))
+    run_python(envelope.get("code", ""), memory_exit)
+
+
+def main():
+    if MODE == "process":
+        supervise()
+    envelope = next_job()
+    prepare(envelope)
+    run_job(envelope)
 
 
 # --- process mode ---------------------------------------------------------------------------
@@ -176,12 +182,13 @@ def main():
 #
 # The supervisor does not fork jobs itself. Before it serves, it forks a few zygotes: copies of
 # the warm interpreter whose only work is to fork. For each job the supervisor sends a zygote a
-# short message over a socket, `<seq> <uid>` with the job's three pipe ends attached; the zygote
-# forks the job's process and answers `pid <seq> <pid>`, and when it reaps it, `exit <pid>
-# <status> <cpu_us>`. The job's process first reads its envelope from its own stdin (a 10-digit
-# length, a newline, the JSON), then the rest of that stdin is the job's. Why: after a fork,
-# every page that the parent or the child writes while both still share it is copied at a page
-# fault, and faults are dear under gVisor. The supervisor's event loop writes many pages per job
+# short message over a socket, `<seq> <uid> <cgroup>` with the job's three pipe ends attached;
+# the zygote forks the job's process and, when it reaps it, answers `exit <seq> <status>
+# <cpu_us>`; `kill <seq>` makes it kill that process while it is still its unreaped child.
+# The job's process first reads its envelope from its own stdin (a 10-digit length, a newline,
+# the JSON), then the rest of that stdin is the job's. Why zygotes: after a fork, every page
+# that the parent or the child writes while both still share it is copied at a page fault, and
+# faults are dear under gVisor. The supervisor's event loop writes many pages per job
 # and now shares them with no child; a zygote's loop writes few.
 #
 # A job's processes are counted and ended through a pids cgroup of its own, in gVisor's own
@@ -263,14 +270,7 @@ def job_child(seq, uid, cgroup, pipes):
         import threading
 
         threading.stack_size(1 << 20)
-        if "argv" in env:
-            argv = env["argv"]
-            try:
-                os.execvp(argv[0], argv)
-            except OSError as err:
-                sys.stderr.write("shardbox: cannot execute %r: %s\n" % (argv[0], err))
-                os._exit(127)
-        run_python(env.get("code", ""), MEMORY_EXIT)
+        run_job(env, MEMORY_EXIT)
     except SystemExit as done:
         if done.code is None:
             code = 0
