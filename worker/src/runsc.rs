@@ -196,14 +196,42 @@ impl Runsc {
     /// # Errors
     /// [`RunscError`].
     pub async fn delete(&self, id: &str) -> Result<(), RunscError> {
-        self.control("delete", id, &["delete", "--force", id])
-            .await
-            .map(drop)
+        match self.control("delete", id, &["delete", "--force", id]).await {
+            Ok(_) => Ok(()),
+            Err(err) if self.state_is_unreadable(id) => {
+                // A `create` or `restore` cut off before runsc wrote the container's metadata
+                // leaves an empty state file that every later `kill` and `delete` refuses to
+                // read; nothing of the container runs (its cgroup is killed before this), so
+                // its files are all that is left of it.
+                tracing::warn!(sandbox_id = %id, error = %err, "removing unreadable runsc state");
+                for ext in ["state", "lock"] {
+                    let path = self.root.join(format!("{id}_sandbox:{id}.{ext}"));
+                    if let Err(source) = std::fs::remove_file(&path) {
+                        if source.kind() != std::io::ErrorKind::NotFound {
+                            return Err(err);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Whether runsc still keeps state for container `id`.
     pub fn has_state(&self, id: &str) -> bool {
-        self.root.join(format!("{id}_sandbox:{id}.state")).exists()
+        self.state_path(id).exists()
+    }
+
+    fn state_path(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{id}_sandbox:{id}.state"))
+    }
+
+    /// Whether container `id`'s state file exists but holds no JSON that runsc could read.
+    fn state_is_unreadable(&self, id: &str) -> bool {
+        std::fs::read(self.state_path(id)).is_ok_and(|bytes| {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err()
+        })
     }
 
     /// The ids of all containers under this state directory.
