@@ -234,6 +234,10 @@ impl InvalidJob {
 /// or oversized id, a file path that is not a plain relative path, a bad environment name.
 pub fn parse_job_line(text: &str, line: u64) -> Result<Job, InvalidJob> {
     let invalid = |id: Option<String>, reason: String| InvalidJob { line, id, reason };
+    // serde would also take a JSON array, field by field in order, as a job.
+    if !text.trim_start().starts_with('{') {
+        return Err(invalid(None, "malformed job: a job is a JSON object".into()));
+    }
     let job: Job = match serde_json::from_str(text) {
         Ok(job) => job,
         Err(err) => {
@@ -327,6 +331,15 @@ pub fn check_relative_path(path: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_json_array_is_not_a_job() {
+        for line in [r#"["a", null, "print(1)"]"#, "[]", " 7", "\"x\"", "null"] {
+            let err = parse_job_line(line, 4).unwrap_err();
+            assert_eq!(err.line, 4);
+            assert!(err.reason.contains("a job is a JSON object"), "{line}: {err}");
+        }
+    }
 
     #[test]
     fn parses_a_full_job() {

@@ -180,3 +180,42 @@ fn the_kernel_refuses_forks_past_the_pids_limit() {
     assert_cleaned(&ran);
     assert_serves(h());
 }
+
+#[test]
+fn nothing_a_job_leaves_outside_its_directory_reaches_the_next_job_of_its_user() {
+    // Kind: leftovers. Each job looks for entries of its own user id in the sandbox's
+    // world-writable directories (left by an earlier job that had the same id), tries to
+    // create an entry in /work itself, then leaves files everywhere it may.
+    let code = "import os\n\
+                uid = os.getuid()\n\
+                shared = ['/tmp', '/var/tmp', '/run/lock', '/dev/shm']\n\
+                found = [d + '/' + n for d in shared if os.path.isdir(d)\n\
+                \x20        for n in os.listdir(d) if os.lstat(d + '/' + n).st_uid == uid]\n\
+                try:\n\
+                \x20   os.mkdir('/work/squat')\n\
+                \x20   work = 'created'\n\
+                except PermissionError:\n\
+                \x20   work = 'refused'\n\
+                left = 0\n\
+                for d in shared:\n\
+                \x20   try:\n\
+                \x20       open('%s/left-%d' % (d, uid), 'w').write('x')\n\
+                \x20       os.makedirs('%s/dir-%d/deep' % (d, uid))\n\
+                \x20       left += 1\n\
+                \x20   except OSError:\n\
+                \x20       pass  # not there, or read-only\n\
+                print(uid, work, found, left >= 2)";
+    let mut seen = Vec::new();
+    for i in 0..4 {
+        let ran = common::run_all_in(h(), vec![py(&format!("left{i}"), code)], "leftovers");
+        let r = &ran[0].result;
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        let (uid, rest) = r.stdout.trim().split_once(' ').unwrap();
+        assert_eq!(rest, "refused [] True", "job {i} found leftovers or squatted /work: {r:?}");
+        seen.push((ran[0].sandbox_id.clone(), uid.to_owned()));
+    }
+    // At most two sandboxes serve the domain, and a sandbox gives a freed user id out again:
+    // some job ran under a user id that an earlier job of its sandbox had.
+    let reused = seen.iter().enumerate().any(|(i, a)| seen[..i].contains(a));
+    assert!(reused, "no user id served twice: {seen:?}");
+}
