@@ -236,7 +236,10 @@ pub fn parse_job_line(text: &str, line: u64) -> Result<Job, InvalidJob> {
     let invalid = |id: Option<String>, reason: String| InvalidJob { line, id, reason };
     // serde would also take a JSON array, field by field in order, as a job.
     if !text.trim_start().starts_with('{') {
-        return Err(invalid(None, "malformed job: a job is a JSON object".into()));
+        return Err(invalid(
+            None,
+            "malformed job: a job is a JSON object".into(),
+        ));
     }
     let job: Job = match serde_json::from_str(text) {
         Ok(job) => job,
@@ -337,7 +340,10 @@ mod tests {
         for line in [r#"["a", null, "print(1)"]"#, "[]", " 7", "\"x\"", "null"] {
             let err = parse_job_line(line, 4).unwrap_err();
             assert_eq!(err.line, 4);
-            assert!(err.reason.contains("a job is a JSON object"), "{line}: {err}");
+            assert!(
+                err.reason.contains("a job is a JSON object"),
+                "{line}: {err}"
+            );
         }
     }
 

@@ -150,6 +150,15 @@ impl SandboxCgroup {
             .unwrap_or(0))
     }
 
+    /// How many times the pids limit refused the sandbox a new host process or thread.
+    ///
+    /// # Errors
+    /// [`CgroupError::Io`].
+    pub fn pids_refused(&self) -> Result<u64, CgroupError> {
+        let text = self.read("pids", "pids.events")?;
+        Ok(field(&text, "max").unwrap_or(0))
+    }
+
     /// CPU time used by every process of the sandbox so far.
     ///
     /// # Errors

@@ -229,9 +229,8 @@ impl Runsc {
 
     /// Whether container `id`'s state file exists but holds no JSON that runsc could read.
     fn state_is_unreadable(&self, id: &str) -> bool {
-        std::fs::read(self.state_path(id)).is_ok_and(|bytes| {
-            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err()
-        })
+        std::fs::read(self.state_path(id))
+            .is_ok_and(|bytes| serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err())
     }
 
     /// The ids of all containers under this state directory.

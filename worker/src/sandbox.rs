@@ -114,6 +114,8 @@ pub struct RunOutcome {
     pub oom_killed: bool,
     /// Whether memory use reached the limit at all.
     pub memory_hit_limit: bool,
+    /// Whether the sandbox's host pids limit refused it a process or thread.
+    pub pids_hit_limit: bool,
     /// Captured stdout.
     pub stdout: Captured,
     /// Captured stderr.
@@ -393,6 +395,7 @@ impl Sandbox {
         };
         let oom_killed = shell.cgroup.oom_kills().unwrap_or(0) > 0;
         let memory_hit_limit = shell.cgroup.memory_failcnt().unwrap_or(0) > 0;
+        let pids_hit_limit = shell.cgroup.pids_refused().unwrap_or(0) > 0;
         let cpu = shell
             .cgroup
             .cpu_time()
@@ -408,6 +411,7 @@ impl Sandbox {
             timed_out,
             oom_killed,
             memory_hit_limit,
+            pids_hit_limit,
             stdout: stdout.unwrap_or_default(),
             stderr: stderr.unwrap_or_default(),
             start,

@@ -472,6 +472,15 @@ impl Worker {
                     } else if truncated {
                         Status::OutputLimit
                     } else {
+                        if outcome.pids_hit_limit {
+                            // Under the ptrace platform gVisor's own kernel needs host threads
+                            // too: a job at the limit may end it rather than see its fork fail.
+                            let pids = self.pools[&job.template].template().config.limits.pids;
+                            error = Some(format!(
+                                "the sandbox reached its limit of {pids} host processes and \
+                                 threads"
+                            ));
+                        }
                         Status::Failed
                     }
                 }

@@ -211,7 +211,10 @@ fn nothing_a_job_leaves_outside_its_directory_reaches_the_next_job_of_its_user()
         let r = &ran[0].result;
         assert_eq!(r.status, Status::Ok, "{r:?}");
         let (uid, rest) = r.stdout.trim().split_once(' ').unwrap();
-        assert_eq!(rest, "refused [] True", "job {i} found leftovers or squatted /work: {r:?}");
+        assert_eq!(
+            rest, "refused [] True",
+            "job {i} found leftovers or squatted /work: {r:?}"
+        );
         seen.push((ran[0].sandbox_id.clone(), uid.to_owned()));
     }
     // At most two sandboxes serve the domain, and a sandbox gives a freed user id out again:

@@ -211,6 +211,11 @@ fn fork_bomb_ends_by_its_deadline() {
     // Sandbox isolation: the host's pids cgroup refuses the forks; process isolation: the job's
     // pids cgroup inside gVisor does. Either way the bomb runs to its deadline, no further.
     assert_within_deadline(&ran, 3000);
+    // A bomb that ends before its deadline says which limit ended it.
+    if ran.result.status == Status::Failed {
+        let error = ran.result.error.as_deref().unwrap_or_default();
+        assert!(error.contains("limit of"), "{:?}", ran.result);
+    }
     assert_cleaned(&ran);
     assert_serves(h());
 }
