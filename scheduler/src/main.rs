@@ -361,10 +361,11 @@ async fn run(args: RunArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-/// Prints the summary on stdout, and on stderr as well unless both are the same screen.
+/// Prints the summary on stdout, and on stderr too when only stderr is a terminal.
 fn print_summary(summary: &Summary) {
     print!("{summary}");
-    if !(std::io::stdout().is_terminal() && std::io::stderr().is_terminal()) {
+    // Also on a terminal's stderr when stdout goes elsewhere; never twice into one stream.
+    if !std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
         eprint!("{summary}");
     }
 }

@@ -23,6 +23,9 @@ use crate::config::ProcessConfig;
 use crate::pool::{Pool, PoolError};
 use crate::sandbox::{Sandbox, Shell};
 
+/// Why a supervised sandbox is closed when the worker stops: no loss, logged at debug level.
+const SHUTTING_DOWN: &str = "worker shutting down";
+
 /// What the supervisor reports of one job.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -152,7 +155,11 @@ impl Supervised {
     /// Marks the sandbox dead: every job waiting on it gets no report.
     fn fail(&self, why: &str) {
         if !self.dead.swap(true, Ordering::SeqCst) {
-            tracing::warn!(sandbox_id = %self.id, why, "supervised sandbox lost");
+            if why == SHUTTING_DOWN {
+                tracing::debug!(sandbox_id = %self.id, why, "supervised sandbox closed");
+            } else {
+                tracing::warn!(sandbox_id = %self.id, why, "supervised sandbox lost");
+            }
         }
         self.pending.lock().clear();
     }
@@ -378,7 +385,7 @@ impl Domains {
             .collect();
         let mut teardowns = tokio::task::JoinSet::new();
         for sandbox in all {
-            sandbox.fail("worker shutting down");
+            sandbox.fail(SHUTTING_DOWN);
             teardowns.spawn(async move { sandbox.teardown().await });
         }
         teardowns.join_all().await;

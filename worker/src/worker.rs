@@ -458,7 +458,10 @@ impl Worker {
                     error = Some("runsc ended without an exit status".into());
                     Status::SandboxError
                 }
-                Some(0) if truncated => Status::OutputLimit,
+                Some(0) if truncated => {
+                    exit_code = Some(0);
+                    Status::OutputLimit
+                }
                 Some(0) => Status::Ok,
                 Some(code) => {
                     // runsc reports a container killed by signal N as 128 + N.
