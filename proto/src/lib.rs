@@ -160,7 +160,7 @@ pub struct JobResult {
     /// Why the job is `invalid`, `sandbox_error` or `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The job's line number in its batch, for `invalid` results.
+    /// The job's line number in its batch (1-based).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
 }

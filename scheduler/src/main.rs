@@ -361,12 +361,23 @@ async fn run(args: RunArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-/// Prints the summary on stdout, and on stderr too when only stderr is a terminal.
+/// Prints the summary on stdout, and on stderr as well (beside the log) unless the two are one
+/// screen, file or pipe.
 fn print_summary(summary: &Summary) {
     print!("{summary}");
-    // Also on a terminal's stderr when stdout goes elsewhere; never twice into one stream.
-    if !std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+    let both_terminals = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+    if !both_terminals && !stdout_is_stderr() {
         eprint!("{summary}");
+    }
+}
+
+/// Whether standard output and standard error are the same open file (as with `2>&1`).
+fn stdout_is_stderr() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let target = |fd: u8| std::fs::metadata(format!("/proc/self/fd/{fd}")).ok();
+    match (target(1), target(2)) {
+        (Some(out), Some(err)) => (out.dev(), out.ino()) == (err.dev(), err.ino()),
+        _ => false,
     }
 }
 

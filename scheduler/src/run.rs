@@ -109,6 +109,8 @@ struct Queue<B: Backend> {
 struct Queued<B: Backend> {
     prepared: B::Prepared,
     accepted: Instant,
+    /// Its line in the batch, given on its result.
+    line: u64,
 }
 
 /// Runs every job of the batch in `reader` on `backend`, writing one JSON result per line to
@@ -226,24 +228,42 @@ async fn read_batch<B: Backend, R: AsyncBufRead + Unpin>(
             }
         };
         options.progress.add_known();
+        let number = line.number;
         let result = match accept(backend, line, &mut seen, options.max_line_bytes) {
             Err(result) => *result,
-            Ok(prepared) if stop.reached(StopLevel::Drain) => {
-                never_started::<B>(backend, &prepared, Instant::now(), Status::Cancelled)
-            }
+            Ok(prepared) if stop.reached(StopLevel::Drain) => never_started::<B>(
+                backend,
+                &prepared,
+                Instant::now(),
+                number,
+                Status::Cancelled,
+            ),
             Ok(prepared) => {
                 let accepted = Instant::now();
                 match queues.get(B::template(&prepared)) {
                     None => {
-                        let mut result =
-                            never_started::<B>(backend, &prepared, accepted, Status::SandboxError);
+                        let mut result = never_started::<B>(
+                            backend,
+                            &prepared,
+                            accepted,
+                            number,
+                            Status::SandboxError,
+                        );
                         result.error = Some(format!(
                             "template {:?} has no dispatcher",
                             B::template(&prepared)
                         ));
                         result
                     }
-                    Some(queue) => match queue.tx.send(Queued { prepared, accepted }).await {
+                    Some(queue) => match queue
+                        .tx
+                        .send(Queued {
+                            prepared,
+                            accepted,
+                            line: number,
+                        })
+                        .await
+                    {
                         Ok(()) => {
                             queue.pushed.increment(1);
                             continue;
@@ -255,6 +275,7 @@ async fn read_batch<B: Backend, R: AsyncBufRead + Unpin>(
                                 backend,
                                 &queued.prepared,
                                 accepted,
+                                number,
                                 Status::SandboxError,
                             );
                             result.error = Some("the job's dispatcher stopped".into());
@@ -322,6 +343,7 @@ fn never_started<B: Backend>(
     backend: &B,
     prepared: &B::Prepared,
     accepted: Instant,
+    line: u64,
     status: Status,
 ) -> JobResult {
     let job = B::job(prepared);
@@ -335,6 +357,7 @@ fn never_started<B: Backend>(
     let waited = millis(accepted.elapsed());
     result.timing.queue_ms = waited;
     result.timing.total_ms = waited;
+    result.line = Some(line);
     result
 }
 
@@ -374,6 +397,7 @@ impl<B: Backend> Dispatcher<B> {
                 &self.backend,
                 &queued.prepared,
                 queued.accepted,
+                queued.line,
                 Status::Cancelled,
             )
         };
@@ -399,6 +423,7 @@ impl<B: Backend> Dispatcher<B> {
                     &self.backend,
                     &queued.prepared,
                     queued.accepted,
+                    queued.line,
                     Status::SandboxError,
                 );
                 result.error = Some(err.to_string());
@@ -434,7 +459,11 @@ async fn run_one<B: Backend>(
     stop: Stop,
     permit: OwnedSemaphorePermit,
 ) {
-    let Queued { prepared, accepted } = queued;
+    let Queued {
+        prepared,
+        accepted,
+        line,
+    } = queued;
     let id = B::job(&prepared).id.clone();
     let labels = B::job(&prepared).labels.clone();
     let span = tracing::debug_span!("job", job_id = %id, template = B::template(&prepared));
@@ -475,7 +504,7 @@ async fn run_one<B: Backend>(
     result.timing.queue_ms = millis(taken.saturating_duration_since(accepted));
     result.timing.total_ms = millis(accepted.elapsed());
     result.attempts = 1;
-    result.line = None;
+    result.line = Some(line);
     let _ = results.send(result).await;
 }
 
@@ -691,7 +720,7 @@ mod tests {
             .unwrap();
         assert_eq!(ok.stdout, "print(\"a\")");
         assert_eq!(ok.attempts, 1);
-        assert_eq!(ok.line, None);
+        assert_eq!(ok.line, Some(1), "every result names its line");
         assert_eq!(ok.labels["problem"], "p/0");
         assert!(ok.timing.total_ms >= ok.timing.queue_ms);
 

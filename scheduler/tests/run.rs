@@ -70,7 +70,8 @@ fn humaneval_samples_pass_and_fail_as_expected() {
             }
             assert_eq!(r.labels["problem"], id.as_str());
             assert_eq!(r.attempts, 1);
-            assert_eq!(r.line, None);
+            let line = r.line.expect("every result names its line") as usize;
+            assert_eq!(ids[line - 1], r.id, "{r:?}");
             assert!(!r.worker.is_empty());
             assert!(r.timing.total_ms >= r.timing.queue_ms, "{:?}", r.timing);
             assert!(r.timing.total_ms >= r.timing.run_ms, "{:?}", r.timing);
@@ -151,7 +152,7 @@ fn bad_lines_get_invalid_results_and_good_jobs_still_run() {
         let r = ran[id];
         assert_eq!(r.status, Status::Ok, "{r:?}");
         assert_eq!(r.stdout, stdout, "{r:?}");
-        assert_eq!(r.line, None);
+        assert!(r.line.is_some(), "every result names its line: {r:?}");
     }
     assert!(
         run.stdout.contains("status: ok 3, invalid 7"),
