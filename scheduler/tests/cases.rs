@@ -890,9 +890,11 @@ async fn f12_a_worker_killed_mid_job_leaves_no_sandbox_after_its_restart() {
     let leased_at = began.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let first_pid = first.pid();
-    first.sigkill();
+    // Taken before the kill: runsc's sandboxes die with the worker (a parent-death signal), and
+    // may be gone before a look after it.
     let old = processes_mentioning(&state.display().to_string());
     let old_containers = runsc_list(&state);
+    first.sigkill();
 
     let restarted = Instant::now();
     let mut second = spawn_worker(&config, &base, log_file(name, "worker-2"));
