@@ -215,6 +215,16 @@ def read_small(path):
         os.close(fd)
 
 
+def close_fds_except(keep):
+    """Closes every open descriptor of this process but those in `keep`."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass  # the listing's own descriptor, closed already
+
+
 def write_small(path, data):
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -263,16 +273,9 @@ def job_child(seq, uid, cgroup, pipes):
         os.setsid()
         for target, fd in enumerate(pipes):
             os.dup2(fd, target)
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) > 2:
-                try:
-                    os.close(int(name))
-                except OSError:
-                    pass
+        close_fds_except((0, 1, 2))
         if cgroup != b"-":
-            fd = os.open(cgroup + b"/cgroup.procs", os.O_WRONLY)
-            os.write(fd, b"%d" % os.getpid())
-            os.close(fd)
+            write_small(cgroup + b"/cgroup.procs", b"%d" % os.getpid())
         env = json.loads(read_exact(int(read_exact(ENVELOPE_HEADER))))
         memory = int(env.get("memory_mb", 512)) << 20
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
@@ -326,12 +329,7 @@ def zygote(sock):
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) not in (0, 1, 2, sock.fileno()):
-            try:
-                os.close(int(name))
-            except OSError:
-                pass
+    close_fds_except((0, 1, 2, sock.fileno()))
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)

@@ -205,8 +205,7 @@ impl Runsc {
                 // its files are all that is left of it.
                 tracing::warn!(sandbox_id = %id, error = %err, "removing unreadable runsc state");
                 for ext in ["state", "lock"] {
-                    let path = self.root.join(format!("{id}_sandbox:{id}.{ext}"));
-                    if let Err(source) = std::fs::remove_file(&path) {
+                    if let Err(source) = std::fs::remove_file(self.state_file(id, ext)) {
                         if source.kind() != std::io::ErrorKind::NotFound {
                             return Err(err);
                         }
@@ -220,16 +219,17 @@ impl Runsc {
 
     /// Whether runsc still keeps state for container `id`.
     pub fn has_state(&self, id: &str) -> bool {
-        self.state_path(id).exists()
+        self.state_file(id, "state").exists()
     }
 
-    fn state_path(&self, id: &str) -> PathBuf {
-        self.root.join(format!("{id}_sandbox:{id}.state"))
+    /// One of the files runsc keeps for container `id`: `state` or `lock`.
+    fn state_file(&self, id: &str, ext: &str) -> PathBuf {
+        self.root.join(format!("{id}_sandbox:{id}.{ext}"))
     }
 
     /// Whether container `id`'s state file exists but holds no JSON that runsc could read.
     fn state_is_unreadable(&self, id: &str) -> bool {
-        std::fs::read(self.state_path(id))
+        std::fs::read(self.state_file(id, "state"))
             .is_ok_and(|bytes| serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err())
     }
 

@@ -371,7 +371,7 @@ impl Worker {
             Status::Failed
         };
         let error = report.too_many_processes.then(|| {
-            let pids = self.pools[&job.template].template().config.limits.pids;
+            let pids = self.pids_limit(job);
             format!("killed for holding its limit of {pids} processes")
         });
         JobResult {
@@ -439,6 +439,11 @@ impl Worker {
         result
     }
 
+    /// The `pids` limit of the job's template.
+    fn pids_limit(&self, job: &PreparedJob) -> u64 {
+        self.pools[&job.template].template().config.limits.pids
+    }
+
     fn result_of(&self, job: &PreparedJob, outcome: RunOutcome) -> JobResult {
         let mut exit_code = None;
         let mut signal = None;
@@ -478,7 +483,7 @@ impl Worker {
                         if outcome.pids_hit_limit {
                             // Under the ptrace platform gVisor's own kernel needs host threads
                             // too: a job at the limit may end it rather than see its fork fail.
-                            let pids = self.pools[&job.template].template().config.limits.pids;
+                            let pids = self.pids_limit(job);
                             error = Some(format!(
                                 "the sandbox reached its limit of {pids} host processes and \
                                  threads"
