@@ -718,7 +718,7 @@ def supervise():
     # A job younger than YOUNG seconds is not yet looked at: most jobs end before, and a fork
     # bomb is only killed after FULL seconds at its limit anyway.
     WATCH = 0.05
-    FULL = 1.0
+    FULL = 0.5
     YOUNG = 0.25
 
     def at_limit(job):

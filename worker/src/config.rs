@@ -168,7 +168,7 @@ impl TemplateConfig {
             Isolation::Sandbox => self.limits.pids,
             // Inside, a pids cgroup per job holds each job to `pids`. Under the ptrace platform
             // each process inside is backed by host threads, about 7 measured at rest, and a
-            // fork bomb held at its limit adds about 220 a second until it is ended (a second
+            // fork bomb held at its limit adds about 220 a second until it is ended (half a second
             // at the limit): room for both.
             Isolation::Process => self.limits.pids * self.process.slots as u64 * 8 + 1024,
         }
